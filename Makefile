@@ -1,0 +1,33 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both install first when needed.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+CONFIG ?= configs/demo.yaml
+
+.PHONY: install test test-full demo print-config tensorboard clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml requirements/constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --disable-pip-version-check -q -c requirements/constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+test: install  ## fast suite (< 10 min on 2 cores); pytest's exit 5 (no tests) fails the target
+	$(BIN)/python -m pytest -q
+
+test-full: install  ## everything, including tests marked slow
+	$(BIN)/python -m pytest -q -m "slow or not slow"
+
+demo: install  ## CPU training on real ARC-AGI-1 tasks that fit a 10x10 canvas, then a summary line
+	$(BIN)/trm fit --config configs/demo.yaml
+
+print-config: install  ## the resolved config of CONFIG (default: the demo)
+	$(BIN)/trm fit --config $(CONFIG) --print_config
+
+tensorboard: install  ## serve the logs under runs/
+	$(BIN)/tensorboard --logdir runs --bind_all
+
+clean:
+	rm -rf runs lightning_logs .pytest_cache

@@ -1,0 +1,34 @@
+"""Shared fixtures: small synthetic ARC task directories (generated, never downloaded)."""
+
+from __future__ import annotations
+
+import pytest
+
+from trm_lightning.data.synthetic import make_synthetic_tasks, write_task_dir
+
+N_TRAIN_TASKS = 12
+N_EVAL_TASKS = 6
+
+
+@pytest.fixture(scope="session")
+def synthetic_train_tasks():
+    """12 tasks ``syn000..syn011``: 3 demos + 1 test pair each, grids 2..5 per side (fit canvas 6)."""
+    return make_synthetic_tasks(N_TRAIN_TASKS, seed=0, prefix="syn")
+
+
+@pytest.fixture(scope="session")
+def synthetic_eval_tasks():
+    """6 other tasks ``evl000..evl005`` (another seed), same sizes."""
+    return make_synthetic_tasks(N_EVAL_TASKS, seed=1, prefix="evl")
+
+
+@pytest.fixture(scope="session")
+def synthetic_task_dir(tmp_path_factory, synthetic_train_tasks):
+    """A directory of one ARC JSON file per task, holding :func:`synthetic_train_tasks`."""
+    return write_task_dir(synthetic_train_tasks, tmp_path_factory.mktemp("synthetic_train"))
+
+
+@pytest.fixture(scope="session")
+def synthetic_eval_dir(tmp_path_factory, synthetic_eval_tasks):
+    """A directory of one ARC JSON file per task, holding :func:`synthetic_eval_tasks`."""
+    return write_task_dir(synthetic_eval_tasks, tmp_path_factory.mktemp("synthetic_eval"))

@@ -1,0 +1,128 @@
+"""Training through the real CLI on synthetic tasks: gradients, optimizer groups, logs, checkpoints."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from lightning.pytorch import Callback
+
+from tests.integration.helpers import build_tiny, run_tiny
+
+
+class GradRecorder(Callback):
+    """Keeps, for the first optimizer step, which parameters got a non-zero gradient (before clipping)."""
+
+    def __init__(self):
+        self.zero_grad_params: list[str] | None = None
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if self.zero_grad_params is None:
+            self.zero_grad_params = [
+                n for n, p in pl_module.named_parameters()
+                if p.requires_grad and (p.grad is None or p.grad.abs().sum().item() == 0)
+            ]
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        [],
+        ["--model.encoder_pooling_method=attention", "--model.encoder_norm_style=pre",
+         "--model.encoder_layer_scale_init=1e-4"],
+        ["--model.encoder_pooling_method=weighted", "--model.encoder_set_layers=2", "--model.encoder_num_layers=2"],
+    ],
+    ids=["seed-default", "attention-pre-layerscale", "weighted-2set"],
+)
+def test_every_trainable_parameter_gets_gradient(synthetic_task_dir, synthetic_eval_dir, tmp_path, variant):
+    cli = build_tiny(synthetic_task_dir, synthetic_eval_dir, tmp_path, "--trainer.max_steps=1", *variant)
+    recorder = GradRecorder()
+    cli.trainer.callbacks.append(recorder)
+    cli.trainer.fit(cli.model, cli.datamodule)
+    assert recorder.zero_grad_params == []
+    n_params = sum(1 for p in cli.model.parameters() if p.requires_grad)
+    assert n_params > 20
+
+
+def test_optimizer_groups_and_lr_ratio(synthetic_task_dir, synthetic_eval_dir, tmp_path):
+    cli = build_tiny(synthetic_task_dir, synthetic_eval_dir, tmp_path, "--trainer.max_steps=3",
+                     "--model.encoder_lr_scale=0.1", "--model.lr_warmup_steps=0")
+    cli.trainer.fit(cli.model, cli.datamodule)
+    groups = {g["name"]: g for g in cli.trainer.optimizers[0].param_groups}
+    assert set(groups) == {"encoder", "trm"}
+    assert groups["encoder"]["lr"] == pytest.approx(0.1 * groups["trm"]["lr"])
+    assert groups["trm"]["lr"] == pytest.approx(1e-3)
+    enc_ids = {id(p) for p in cli.model.encoder.parameters()}
+    assert {id(p) for p in groups["encoder"]["params"]} == enc_ids
+    assert groups["trm"]["betas"] == (0.9, 0.95)
+
+
+def test_fit_logs_required_tags_and_checkpoints(synthetic_task_dir, synthetic_eval_dir, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cli = run_tiny("fit", synthetic_task_dir, synthetic_eval_dir, tmp_path, "--trainer.max_steps=6")
+    log_dir = cli.trainer.log_dir
+    ea = EventAccumulator(log_dir)
+    ea.Reload()
+    tags = set(ea.Tags()["scalars"])
+    for tag in ["train/lm_loss", "train/accuracy", "train/exact_accuracy", "train/q_halt_loss", "train/steps",
+                "val/exact_accuracy", "val_seen/exact_accuracy", "lr/encoder", "lr/trm"]:
+        assert tag in tags, (tag, sorted(tags))
+    import os
+
+    ckpts = os.listdir(os.path.join(log_dir, "checkpoints"))
+    assert "last.ckpt" in ckpts
+    assert os.path.exists(os.path.join(log_dir, "config.yaml"))
+    # the saved config runs validate/test again with the checkpoint
+    cli2 = run_tiny("test", synthetic_task_dir, synthetic_eval_dir, tmp_path,
+                    f"--ckpt_path={os.path.join(log_dir, 'checkpoints', 'last.ckpt')}")
+    assert "test/exact_accuracy" in cli2.trainer.callback_metrics
+
+
+def test_train_metrics_count_only_halted_rows(synthetic_task_dir, synthetic_eval_dir, tmp_path):
+    # halt_max_steps 3 and q_head bias -5: no row halts before step 3, so steps 1-2 count nothing
+    cli = build_tiny(synthetic_task_dir, synthetic_eval_dir, tmp_path, "--trainer.max_steps=3",
+                     "--trainer.log_every_n_steps=100", "--model.halt_exploration_prob=0.0")
+    counts = []
+
+    class Spy(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            counts.append(int(outputs["halted"].sum()))
+
+    cli.trainer.callbacks.append(Spy())
+    cli.trainer.fit(cli.model, cli.datamodule)
+    assert counts == [0, 0, 4]
+    assert cli.model.train_metrics.count.item() == 4
+
+
+def test_seed_knobs_reach_the_model_through_the_cli(synthetic_task_dir, synthetic_eval_dir, tmp_path):
+    base = build_tiny(synthetic_task_dir, synthetic_eval_dir, tmp_path).model
+    cases = {
+        "encoder_num_layers=3": lambda m: len(m.encoder.grid_encoder.layers) == 3,
+        "puzzle_emb_len=5": lambda m: m.encoder.set_encoder.queries.shape[0] == 5 and m.trm.prefix_len == 5,
+        "encoder_pooling_method=attention": lambda m: hasattr(m.encoder.grid_encoder, "pool_attn"),
+        "encoder_set_layers=2": lambda m: len(m.encoder.set_encoder.layers) == 2,
+        "encoder_layer_scale_init=0.001": lambda m: any(n.endswith("gamma") for n, _ in m.encoder.named_parameters()),
+        "encoder_norm_style=pre": lambda m: m.encoder.grid_encoder.layers[0].norm_style == "pre",
+        "H_cycles=3": lambda m: m.trm.H_cycles == 3,
+    }
+    for arg, check in cases.items():
+        model = build_tiny(synthetic_task_dir, synthetic_eval_dir, tmp_path, f"--model.{arg}").model
+        assert check(model), arg
+        assert not check(base), arg
+
+
+def test_canvas_size_is_linked_from_data(synthetic_task_dir, synthetic_eval_dir, tmp_path):
+    cli = build_tiny(synthetic_task_dir, synthetic_eval_dir, tmp_path, "--data.canvas_size=7")
+    assert cli.model.hparams.canvas_size == 7
+    assert cli.model.trm.rope.cos.shape[0] == 2 + 49
+
+
+def test_validation_rollout_is_deterministic(synthetic_task_dir, synthetic_eval_dir, tmp_path):
+    cli = build_tiny(synthetic_task_dir, synthetic_eval_dir, tmp_path)
+    cli.datamodule.setup("validate")
+    batch = next(iter(cli.datamodule.val_dataloader()[0]))
+    model = cli.model.eval()
+    with torch.no_grad():
+        a = model.rollout(batch)[0]
+        b = model.rollout(batch)[0]
+    assert torch.equal(a, b)

@@ -1,0 +1,4 @@
+from trm_lightning.cli import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""ARC data: tasks, tokens, augmentations, episodes and the Lightning datamodule."""
+
+from trm_lightning.data.arc import BUILTIN_SOURCES, ArcTask, load_source, validate_grid
+from trm_lightning.data.augment import (
+    Augmentation,
+    augmentation_for,
+    dihedral,
+    inverse_dihedral,
+    translation_for,
+)
+from trm_lightning.data.datamodule import ARCDataModule
+from trm_lightning.data.episodes import EpisodeDataset, EpisodeKey, EpisodeSampler, KeyedEpisodes, eval_keys
+from trm_lightning.data.synthetic import make_synthetic_tasks, write_task_dir
+from trm_lightning.data.tokenize import (
+    COLOR_OFFSET,
+    EOS,
+    IGNORE_LABEL,
+    PAD,
+    VOCAB_SIZE,
+    canvas_labels,
+    crop_canvas,
+    grid_to_canvas,
+)
+
+__all__ = [
+    "ARCDataModule",
+    "ArcTask",
+    "Augmentation",
+    "BUILTIN_SOURCES",
+    "COLOR_OFFSET",
+    "EOS",
+    "EpisodeDataset",
+    "EpisodeKey",
+    "EpisodeSampler",
+    "IGNORE_LABEL",
+    "KeyedEpisodes",
+    "PAD",
+    "VOCAB_SIZE",
+    "augmentation_for",
+    "canvas_labels",
+    "crop_canvas",
+    "dihedral",
+    "eval_keys",
+    "grid_to_canvas",
+    "inverse_dihedral",
+    "load_source",
+    "make_synthetic_tasks",
+    "translation_for",
+    "validate_grid",
+    "write_task_dir",
+]

@@ -1,0 +1,307 @@
+"""ARCDataModule: splits, puzzle subsets, the leakage firewall, and the train / val / test loaders."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning
+import numpy as np
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch.utils.data import DataLoader
+
+from trm_lightning.data.arc import ArcTask, load_source
+from trm_lightning.data.episodes import EpisodeDataset, EpisodeSampler, KeyedEpisodes, eval_keys
+from trm_lightning.data.tokenize import VOCAB_SIZE
+from trm_lightning.errors import ConfigError
+
+
+class ARCDataModule(lightning.LightningDataModule):
+    """ARC episodes for training and evaluation.
+
+    Training draws ``episodes_per_epoch`` episodes per epoch (a task's demos + one of its test pairs as
+    query, under a fresh augmentation). Validation has two views: held-out evaluation tasks (``val``) and
+    training tasks under augmentations never drawn in training (``val_seen``). Training tasks that appear
+    in the evaluation source, by id or by any identical pair, are dropped (leakage firewall).
+
+    Args:
+        train_source: training tasks: a built-in source (``arc1/training``, ``arc1/evaluation``,
+            ``arc2/training``, ``arc2/evaluation``) or a path (a directory of task JSON files, a Kaggle
+            ``*_challenges.json`` file or a directory of them).
+        eval_source: held-out evaluation tasks, same forms as ``train_source``.
+        canvas_size: side of the square token canvas; tasks with a larger grid are dropped (ARC needs 30).
+        max_demos: demonstration slots per episode; extra demos of a task are left out.
+        max_train_puzzles: train on a random subset of this many tasks (after the filters); None for all.
+        puzzle_subset_seed: seed of the ``max_train_puzzles`` subset.
+        max_eval_puzzles: evaluate on the first this many evaluation tasks by id; None for all.
+        global_batch_size: episodes per optimizer step over all devices; divided by the world size.
+        eval_batch_size: episodes per validation/test batch per device; None uses the training batch.
+        episodes_per_epoch: training episodes per epoch over all devices; None rounds the number of
+            training test pairs up to a multiple of ``global_batch_size``.
+        num_train_augmentations: training draws augmentation indices in ``0..n-1`` (0 is the original).
+        val_augmentations: augmentations per evaluation query (index 0, the original, comes first).
+        val_seen_puzzles: training tasks in the ``val_seen`` view; 0 turns it off.
+        translate: place training episodes at a random offset on the canvas (not the original version).
+        leave_one_out_prob: probability that a training episode uses one of its demos as the query.
+        num_workers: DataLoader worker processes.
+        seed: seed of augmentations, episode sampling and the ``val_seen`` choice.
+    """
+
+    def __init__(
+        self,
+        train_source: str = "arc1/training",
+        eval_source: str = "arc1/evaluation",
+        canvas_size: int = 30,
+        max_demos: int = 10,
+        max_train_puzzles: int | None = None,
+        puzzle_subset_seed: int = 0,
+        max_eval_puzzles: int | None = None,
+        global_batch_size: int = 768,
+        eval_batch_size: int | None = None,
+        episodes_per_epoch: int | None = None,
+        num_train_augmentations: int = 1000,
+        val_augmentations: int = 1,
+        val_seen_puzzles: int = 32,
+        translate: bool = False,
+        leave_one_out_prob: float = 0.0,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        checks = [
+            (canvas_size >= 1, f"canvas_size must be >= 1, got {canvas_size}"),
+            (max_demos >= 1, f"max_demos must be >= 1, got {max_demos}"),
+            (max_train_puzzles is None or max_train_puzzles >= 1,
+             f"max_train_puzzles must be >= 1 or None, got {max_train_puzzles}"),
+            (max_eval_puzzles is None or max_eval_puzzles >= 0,
+             f"max_eval_puzzles must be >= 0 or None, got {max_eval_puzzles}"),
+            (global_batch_size >= 1, f"global_batch_size must be >= 1, got {global_batch_size}"),
+            (eval_batch_size is None or eval_batch_size >= 1,
+             f"eval_batch_size must be >= 1 or None, got {eval_batch_size}"),
+            (episodes_per_epoch is None or episodes_per_epoch >= 1,
+             f"episodes_per_epoch must be >= 1 or None, got {episodes_per_epoch}"),
+            (num_train_augmentations >= 1, f"num_train_augmentations must be >= 1, got {num_train_augmentations}"),
+            (val_augmentations >= 1, f"val_augmentations must be >= 1, got {val_augmentations}"),
+            (val_seen_puzzles >= 0, f"val_seen_puzzles must be >= 0, got {val_seen_puzzles}"),
+            (0.0 <= leave_one_out_prob <= 1.0, f"leave_one_out_prob must be in [0, 1], got {leave_one_out_prob}"),
+            (num_workers >= 0, f"num_workers must be >= 0, got {num_workers}"),
+            (seed >= 0 and puzzle_subset_seed >= 0, "seed and puzzle_subset_seed must be >= 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        self.save_hyperparameters()
+        self.train_source = train_source
+        self.eval_source = eval_source
+        self.canvas_size = canvas_size
+        self.max_demos = max_demos
+        self.max_train_puzzles = max_train_puzzles
+        self.puzzle_subset_seed = puzzle_subset_seed
+        self.max_eval_puzzles = max_eval_puzzles
+        self.global_batch_size = global_batch_size
+        self.eval_batch_size = eval_batch_size
+        self._episodes_per_epoch = episodes_per_epoch
+        self.num_train_augmentations = num_train_augmentations
+        self.val_augmentations = val_augmentations
+        self.val_seen_puzzles = val_seen_puzzles
+        self.translate = translate
+        self.leave_one_out_prob = leave_one_out_prob
+        self.num_workers = num_workers
+        self.seed = seed
+
+        self.train_tasks: list[ArcTask] = []
+        self.eval_tasks: list[ArcTask] = []
+        self.data_summary: dict[str, Any] = {}
+        self.val_dataloader_names = ["val", "val_seen"] if val_seen_puzzles > 0 else ["val"]
+        self._is_set_up = False
+
+    # ------------------------------------------------------------------ sizes the model links to
+    @property
+    def vocab_size(self) -> int:
+        return VOCAB_SIZE
+
+    @property
+    def seq_len(self) -> int:
+        return self.canvas_size**2
+
+    def _world(self) -> tuple[int, int]:
+        """(world size, global rank) from the attached Trainer, or (1, 0) without one."""
+        if self.trainer is None:
+            return 1, 0
+        return int(self.trainer.world_size), int(self.trainer.global_rank)
+
+    @property
+    def local_batch_size(self) -> int:
+        world, _ = self._world()
+        if self.global_batch_size % world:
+            raise ConfigError(
+                f"global_batch_size={self.global_batch_size} does not divide by the world size ({world})"
+            )
+        return self.global_batch_size // world
+
+    @property
+    def episodes_per_epoch(self) -> int:
+        """Training episodes per epoch over all ranks (available after :meth:`setup`)."""
+        if self._episodes_per_epoch is not None:
+            return self._episodes_per_epoch
+        self.setup()
+        queries = sum(len(task.labelled_test_indices) for task in self.train_tasks)
+        return math.ceil(queries / self.global_batch_size) * self.global_batch_size
+
+    # ------------------------------------------------------------------ setup
+    def setup(self, stage: str | None = None) -> None:
+        if self._is_set_up:
+            return
+        size = self.canvas_size
+        summary: dict[str, Any] = {"canvas_size": size}
+
+        train = load_source(self.train_source)
+        evaluation = load_source(self.eval_source)
+        summary["train_loaded"] = len(train)
+        summary["eval_loaded"] = len(evaluation)
+
+        # --- training tasks: canvas, usable episodes, firewall, subset
+        fits = [t for t in train if t.max_side <= size]
+        summary["train_too_large"] = len(train) - len(fits)
+        without_demos = [t for t in fits if not t.train]
+        without_query = [t for t in fits if t.train and not t.labelled_test_indices]
+        usable = [t for t in fits if t.train and t.labelled_test_indices]
+        summary["train_without_demos"] = len(without_demos)
+        summary["train_without_query"] = len(without_query)
+
+        eval_ids = {t.task_id for t in evaluation}
+        eval_hashes: set[str] = set()
+        for task in evaluation:
+            eval_hashes |= task.pair_hashes()
+        by_id = [t for t in usable if t.task_id in eval_ids]
+        by_content = [t for t in usable if t.task_id not in eval_ids and t.pair_hashes() & eval_hashes]
+        shared = {t.task_id for t in by_id} | {t.task_id for t in by_content}
+        clean = [t for t in usable if t.task_id not in shared]
+        summary["train_shared_with_eval"] = len(shared)
+        summary["train_shared_by_id"] = len(by_id)
+        summary["train_shared_by_content"] = len(by_content)
+        summary["train_available"] = len(clean)
+
+        why = (
+            f"{summary['train_too_large']} do not fit canvas {size}, {len(without_demos)} without demos"
+            + (f", {len(without_query)} without a test output" if without_query else "")
+            + f", {len(shared)} shared with eval"
+        )
+        if self.max_train_puzzles is not None:
+            if self.max_train_puzzles > len(clean):
+                raise ConfigError(
+                    f"max_train_puzzles={self.max_train_puzzles} but only {len(clean)} training tasks fit "
+                    f"canvas {size} (after dropping from {self.train_source}: {why})"
+                )
+            rng = np.random.default_rng(self.puzzle_subset_seed)
+            chosen = np.sort(rng.choice(len(clean), size=self.max_train_puzzles, replace=False))
+            clean = [clean[i] for i in chosen]
+        if not clean:
+            raise ConfigError(
+                f"no training tasks left from {self.train_source} at canvas {size} ({why}); "
+                "use a larger canvas_size or another train_source"
+            )
+        self.train_tasks = clean
+        summary["train_tasks"] = len(clean)
+
+        # --- evaluation tasks: canvas, demos, first N by id
+        eval_fits = [t for t in evaluation if t.max_side <= size]
+        summary["eval_too_large"] = len(evaluation) - len(eval_fits)
+        eval_usable = [t for t in eval_fits if t.train]
+        summary["eval_without_demos"] = len(eval_fits) - len(eval_usable)
+        if self.max_eval_puzzles is not None:
+            eval_usable = eval_usable[: self.max_eval_puzzles]
+        self.eval_tasks = eval_usable
+        summary["eval_tasks"] = len(eval_usable)
+        summary["eval_queries"] = sum(len(t.labelled_test_indices) for t in eval_usable)
+
+        self.data_summary = summary
+        subset = (
+            f"; using {len(clean)} (max_train_puzzles, seed {self.puzzle_subset_seed})"
+            if self.max_train_puzzles is not None
+            else ""
+        )
+        rank_zero_info(f"train: {summary['train_available']} tasks from {self.train_source} ({why}){subset}")
+        rank_zero_info(
+            f"eval: {len(eval_usable)} tasks from {self.eval_source} ({summary['eval_too_large']} do not fit "
+            f"canvas {size}, {summary['eval_without_demos']} without demos"
+            + (f"; first {self.max_eval_puzzles} by id" if self.max_eval_puzzles is not None else "")
+            + ")"
+        )
+        if summary["eval_queries"] == 0:
+            rank_zero_warn(
+                f"no evaluation episodes from {self.eval_source}: {len(eval_usable)} tasks left at canvas {size}, "
+                "none with a known test output; validation and test are empty"
+            )
+        self._is_set_up = True
+
+    # ------------------------------------------------------------------ loaders
+    def _loader(self, dataset, batch_size: int, **kwargs) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0,
+            **kwargs,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup()
+        world, rank = self._world()
+        batch_size = self.local_batch_size
+        episodes = self.episodes_per_epoch
+        if episodes < self.global_batch_size:
+            raise ConfigError(
+                f"episodes_per_epoch={episodes} is less than global_batch_size={self.global_batch_size}: "
+                "an epoch would hold no batch"
+            )
+        dataset = EpisodeDataset(
+            self.train_tasks, self.canvas_size, self.max_demos, seed=self.seed, translate=self.translate
+        )
+        sampler = EpisodeSampler(
+            dataset,
+            self.train_tasks,
+            episodes,
+            num_replicas=world,
+            rank=rank,
+            seed=self.seed,
+            num_augmentations=self.num_train_augmentations,
+            leave_one_out_prob=self.leave_one_out_prob,
+        )
+        return self._loader(dataset, batch_size, sampler=sampler, drop_last=True)
+
+    def _eval_batch_size(self) -> int:
+        return self.eval_batch_size if self.eval_batch_size is not None else self.local_batch_size
+
+    def _heldout_loader(self) -> DataLoader:
+        dataset = EpisodeDataset(self.eval_tasks, self.canvas_size, self.max_demos, seed=self.seed)
+        keys = eval_keys(self.eval_tasks, range(self.val_augmentations))
+        return self._loader(KeyedEpisodes(dataset, keys), self._eval_batch_size(), shuffle=False)
+
+    def val_seen_task_indices(self) -> list[int]:
+        """Indices into ``train_tasks`` of the ``val_seen`` tasks (a fixed choice from ``seed``)."""
+        self.setup()
+        n = min(self.val_seen_puzzles, len(self.train_tasks))
+        rng = np.random.default_rng([self.seed, 0x5EE7])
+        return sorted(int(i) for i in rng.choice(len(self.train_tasks), size=n, replace=False))
+
+    def _seen_loader(self) -> DataLoader:
+        dataset = EpisodeDataset(self.train_tasks, self.canvas_size, self.max_demos, seed=self.seed)
+        augs = [self.num_train_augmentations + j for j in range(self.val_augmentations)]
+        chosen = set(self.val_seen_task_indices())
+        keys = [k for k in eval_keys(self.train_tasks, augs) if k.task_index in chosen]
+        return self._loader(KeyedEpisodes(dataset, keys), self._eval_batch_size(), shuffle=False)
+
+    def val_dataloader(self) -> list[DataLoader]:
+        self.setup()
+        loaders = [self._heldout_loader()]
+        if self.val_seen_puzzles > 0:
+            loaders.append(self._seen_loader())
+        self.val_dataloader_names = ["val", "val_seen"][: len(loaders)]
+        return loaders
+
+    def test_dataloader(self) -> DataLoader:
+        self.setup()
+        return self._heldout_loader()

@@ -1,0 +1,274 @@
+"""Episodes: K demonstration pairs + one query pair of one puzzle version, as canvas tensors.
+
+An episode is named by an :class:`EpisodeKey` (task, query pair, augmentation). The dataset builds the
+tensors on the fly from that key, so there is nothing precomputed; :class:`EpisodeSampler` decides which
+keys an epoch visits (deterministically from ``(seed, epoch)``, split across ranks), and
+:func:`eval_keys` lists the fixed keys of an evaluation.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, DistributedSampler
+
+from trm_lightning.data.arc import ArcTask
+from trm_lightning.data.augment import augmentation_for, translation_for
+from trm_lightning.data.tokenize import IGNORE_LABEL, PAD, canvas_labels, grid_to_canvas
+from trm_lightning.errors import ConfigError, DataError
+
+
+@dataclass(frozen=True)
+class EpisodeKey:
+    """Which episode to build.
+
+    Attributes:
+        task_index: index into the dataset's task list.
+        query_index: the query pair: a test pair, or with ``leave_one_out`` a train pair.
+        aug_index: augmentation number (0 = the original puzzle), see :func:`augmentation_for`.
+        leave_one_out: query = train pair ``query_index``, demos = the other train pairs.
+    """
+
+    task_index: int
+    query_index: int
+    aug_index: int
+    leave_one_out: bool = False
+
+
+class EpisodeDataset(Dataset):
+    """Map-style dataset indexed by :class:`EpisodeKey` (an int ``i`` means ``EpisodeKey(i, 0, 0)``).
+
+    Each item is a dict of tensors (``S = canvas_size``, ``K = max_demos``):
+
+    - ``demo_inputs``, ``demo_outputs``: int32 ``[K, S*S]``, unused slots all PAD;
+    - ``demo_mask``: bool ``[K]``, True for the slots that hold a demo;
+    - ``inputs``: int32 ``[S*S]``; ``labels``: int64 ``[S*S]``, -100 at PAD (all -100 when the answer is
+      unknown);
+    - ``task_index``, ``aug_index``, ``query_index``: int64 scalars.
+
+    Args:
+        tasks: the tasks; ``task_index`` indexes this sequence.
+        canvas_size: side of the square canvas.
+        max_demos: demo slots per episode; a task with more demos keeps the first ``max_demos``.
+        seed: augmentation seed (see :func:`augmentation_for`).
+        translate: place each augmented episode (``aug_index != 0``) at a random offset, one per episode.
+    """
+
+    def __init__(
+        self,
+        tasks: Sequence[ArcTask],
+        canvas_size: int,
+        max_demos: int,
+        seed: int = 0,
+        translate: bool = False,
+    ) -> None:
+        if canvas_size < 1:
+            raise ConfigError(f"canvas_size must be >= 1, got {canvas_size}")
+        if max_demos < 1:
+            raise ConfigError(f"max_demos must be >= 1, got {max_demos}")
+        self.tasks = list(tasks)
+        self.canvas_size = canvas_size
+        self.max_demos = max_demos
+        self.seed = seed
+        self.translate = translate
+
+    def __len__(self) -> int:
+        return len(self.tasks)
+
+    def _pairs(self, key: EpisodeKey) -> tuple[ArcTask, list, tuple]:
+        task = self.tasks[key.task_index]
+        if key.leave_one_out:
+            if not 0 <= key.query_index < len(task.train):
+                raise IndexError(f"task '{task.task_id}' has no train pair {key.query_index}")
+            query = task.train[key.query_index]
+            demos = [p for i, p in enumerate(task.train) if i != key.query_index]
+        else:
+            if not 0 <= key.query_index < len(task.test):
+                raise IndexError(f"task '{task.task_id}' has no test pair {key.query_index}")
+            query = task.test[key.query_index]
+            demos = list(task.train)
+        return task, demos[: self.max_demos], query
+
+    def __getitem__(self, key: EpisodeKey | int) -> dict[str, torch.Tensor]:
+        if not isinstance(key, EpisodeKey):
+            key = EpisodeKey(int(key), 0, 0)
+        task, demos, (query_in, query_out) = self._pairs(key)
+        aug = augmentation_for(self.seed, task.task_id, key.aug_index)
+
+        demo_grids = [(aug.apply(i), aug.apply(o)) for i, o in demos]
+        query_in = aug.apply(query_in)
+        query_out = aug.apply(query_out) if query_out is not None else None
+
+        size = self.canvas_size
+        offset = (0, 0)
+        if self.translate and key.aug_index != 0:
+            grids = [g for pair in demo_grids for g in pair] + [query_in]
+            if query_out is not None:
+                grids.append(query_out)
+            max_h = max(g.shape[0] for g in grids)
+            max_w = max(g.shape[1] for g in grids)
+            if max_h <= size and max_w <= size:
+                offset = translation_for(self.seed, task.task_id, key.aug_index, max_h, max_w, size)
+
+        def canvas(grid: np.ndarray, what: str) -> np.ndarray:
+            try:
+                return grid_to_canvas(grid, size, offset)
+            except ValueError:
+                raise DataError(
+                    f"{task.source}: task '{task.task_id}' {what}: a {grid.shape[0]}x{grid.shape[1]} grid "
+                    f"does not fit canvas {size}"
+                ) from None
+
+        n_cells = size * size
+        demo_inputs = np.full((self.max_demos, n_cells), PAD, dtype=np.int32)
+        demo_outputs = np.full((self.max_demos, n_cells), PAD, dtype=np.int32)
+        demo_mask = np.zeros(self.max_demos, dtype=bool)
+        for slot, (inp, out) in enumerate(demo_grids):
+            demo_inputs[slot] = canvas(inp, f"demo {slot} input")
+            demo_outputs[slot] = canvas(out, f"demo {slot} output")
+            demo_mask[slot] = True
+
+        inputs = canvas(query_in, "query input").astype(np.int32)
+        if query_out is None:
+            labels = np.full(n_cells, IGNORE_LABEL, dtype=np.int64)
+        else:
+            labels = canvas_labels(canvas(query_out, "query output"))
+
+        return {
+            "demo_inputs": torch.from_numpy(demo_inputs),
+            "demo_outputs": torch.from_numpy(demo_outputs),
+            "demo_mask": torch.from_numpy(demo_mask),
+            "inputs": torch.from_numpy(inputs),
+            "labels": torch.from_numpy(labels),
+            "task_index": torch.tensor(key.task_index, dtype=torch.int64),
+            "aug_index": torch.tensor(key.aug_index, dtype=torch.int64),
+            "query_index": torch.tensor(key.query_index, dtype=torch.int64),
+        }
+
+
+class EpisodeSampler(DistributedSampler):
+    """Training episodes of one epoch, deterministic given ``(seed, epoch)`` and split across ranks.
+
+    It subclasses :class:`~torch.utils.data.DistributedSampler` on purpose: Lightning then neither wraps
+    it in its own distributed sampler nor replaces it, and calls :meth:`set_epoch` every epoch.
+
+    The global list of ``episodes_per_epoch`` keys is drawn with ``np.random.default_rng([seed, epoch])``:
+    tasks in the order of concatenated random permutations (every task equally often), each with a random
+    query (a test pair with a known output, or with probability ``leave_one_out_prob`` and at least two
+    train pairs a random train pair as leave-one-out query) and a random augmentation in
+    ``0..num_augmentations - 1``. Rank ``r`` takes ``keys[r::num_replicas]``, cut to
+    ``episodes_per_epoch // num_replicas`` so every rank yields the same number.
+
+    Args:
+        dataset: the :class:`EpisodeDataset` the keys are for.
+        tasks: the same tasks as the dataset (their train/test pairs decide the queries).
+        episodes_per_epoch: episodes per epoch over all ranks.
+        num_replicas: world size.
+        rank: this process's global rank.
+        seed: sampling seed.
+        num_augmentations: augmentation indices are drawn from ``0..num_augmentations - 1``.
+        leave_one_out_prob: probability of a leave-one-out episode (tasks with >= 2 train pairs).
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        tasks: Sequence[ArcTask],
+        episodes_per_epoch: int,
+        num_replicas: int = 1,
+        rank: int = 0,
+        seed: int = 0,
+        num_augmentations: int = 1000,
+        leave_one_out_prob: float = 0.0,
+    ) -> None:
+        if num_replicas < 1:
+            raise ConfigError(f"num_replicas must be >= 1, got {num_replicas}")
+        if episodes_per_epoch < num_replicas:
+            raise ConfigError(
+                f"episodes_per_epoch={episodes_per_epoch} is less than the number of ranks ({num_replicas})"
+            )
+        if num_augmentations < 1:
+            raise ConfigError(f"num_augmentations must be >= 1, got {num_augmentations}")
+        if not 0.0 <= leave_one_out_prob <= 1.0:
+            raise ConfigError(f"leave_one_out_prob must be in [0, 1], got {leave_one_out_prob}")
+        if seed < 0:
+            raise ConfigError(f"seed must be >= 0, got {seed}")
+        if not tasks:
+            raise ConfigError("EpisodeSampler needs at least one task")
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.tasks = list(tasks)
+        self.episodes_per_epoch = episodes_per_epoch
+        self.num_augmentations = num_augmentations
+        self.leave_one_out_prob = leave_one_out_prob
+        self._labelled = [task.labelled_test_indices for task in self.tasks]
+        for task, labelled in zip(self.tasks, self._labelled):
+            if not labelled:
+                raise DataError(f"{task.source}: task '{task.task_id}' has no test pair with a known output")
+        self._n_train = np.array([len(task.train) for task in self.tasks])
+        # what DistributedSampler's other methods read
+        self.num_samples = episodes_per_epoch // num_replicas
+        self.total_size = self.num_samples * num_replicas
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def global_keys(self, epoch: int | None = None) -> list[EpisodeKey]:
+        """The keys of every rank for ``epoch`` (default: the current epoch), before the split."""
+        epoch = self.epoch if epoch is None else epoch
+        n, n_tasks = self.episodes_per_epoch, len(self.tasks)
+        rng = np.random.default_rng([self.seed, epoch])
+        rounds = math.ceil(n / n_tasks)
+        order = np.concatenate([rng.permutation(n_tasks) for _ in range(rounds)])[:n]
+        loo_draw = rng.random(n)
+        pair_draw = rng.random(n)
+        augs = rng.integers(0, self.num_augmentations, size=n)
+
+        keys = []
+        for task_index, loo_u, pair_u, aug in zip(order.tolist(), loo_draw, pair_draw, augs.tolist()):
+            n_train = int(self._n_train[task_index])
+            if n_train >= 2 and loo_u < self.leave_one_out_prob:
+                keys.append(EpisodeKey(task_index, min(int(pair_u * n_train), n_train - 1), aug, True))
+            else:
+                labelled = self._labelled[task_index]
+                query = labelled[min(int(pair_u * len(labelled)), len(labelled) - 1)]
+                keys.append(EpisodeKey(task_index, query, aug, False))
+        return keys
+
+    def __iter__(self) -> Iterator[EpisodeKey]:
+        keys = self.global_keys()[self.rank :: self.num_replicas][: self.num_samples]
+        return iter(keys)
+
+
+class KeyedEpisodes(Dataset):
+    """A fixed list of episodes (evaluation): item ``i`` is ``episodes[keys[i]]``."""
+
+    def __init__(self, episodes: EpisodeDataset, keys: Sequence[EpisodeKey]) -> None:
+        self.episodes = episodes
+        self.keys = list(keys)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return self.episodes[self.keys[i]]
+
+
+def eval_keys(
+    tasks: Sequence[ArcTask], aug_indices: Sequence[int], *, include_unlabelled: bool = False
+) -> list[EpisodeKey]:
+    """Keys for every task x test pair (with a known output, unless ``include_unlabelled``) x aug index.
+
+    Ordered task by task, then test pair, then augmentation.
+    """
+    aug_indices = list(aug_indices)
+    keys = []
+    for task_index, task in enumerate(tasks):
+        for query_index, (_, output) in enumerate(task.test):
+            if output is None and not include_unlabelled:
+                continue
+            keys.extend(EpisodeKey(task_index, query_index, aug) for aug in aug_indices)
+    return keys

@@ -1,0 +1,75 @@
+"""TRM's loss (``reference/trm.md`` §2): token cross-entropy (stablemax in fp64, or softmax) averaged over
+each row's supervised cells, plus ``q_halt_loss_weight`` x BCE(q_halt, "the whole grid is right now").
+
+Per row: ``lm = sum(CE over labels != -100) / max(1, n_labels)``; ``q = BCE(q_halt_logit, exact)``.
+The batch loss is the mean over rows of ``lm + w * q``: TRM sums rows and divides by the global batch,
+which is the same number once DDP averages gradients across ranks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+IGNORE_LABEL = -100
+LOSS_TYPES = ("stablemax", "softmax")
+
+
+def stablemax_log_probs(logits: Tensor) -> Tensor:
+    """log of s(x_i) / sum_j s(x_j), with s(x) = x + 1 for x >= 0 and 1 / (1 - x) below; in float64."""
+    x = logits.double()
+    s = torch.where(x >= 0, x + 1, 1 / (1 - x))
+    return torch.log(s / s.sum(dim=-1, keepdim=True))
+
+
+def token_cross_entropy(logits: Tensor, labels: Tensor, loss_type: str = "stablemax") -> Tensor:
+    """Per-token loss (B, T), zero where the label is ignored."""
+    mask = labels != IGNORE_LABEL
+    safe = torch.where(mask, labels, torch.zeros_like(labels)).long()
+    if loss_type == "stablemax":
+        logp = stablemax_log_probs(logits)
+    elif loss_type == "softmax":
+        logp = torch.log_softmax(logits.float(), dim=-1)
+    else:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    nll = -logp.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    return torch.where(mask, nll, torch.zeros_like(nll))
+
+
+@dataclass
+class ACTLossOutput:
+    loss: Tensor  # scalar: mean over rows of lm + w * q_halt
+    lm_loss: Tensor  # (B,) per-row token-mean CE
+    q_halt_loss: Tensor  # (B,) per-row BCE
+    token_accuracy: Tensor  # (B,) fraction of supervised cells right
+    exact: Tensor  # (B,) bool, every supervised cell right
+    has_labels: Tensor  # (B,) bool, the row has at least one supervised cell
+    predictions: Tensor  # (B, T) argmax tokens
+
+
+def act_loss(
+    logits: Tensor, labels: Tensor, q_halt_logits: Tensor, q_halt_loss_weight: float = 0.5, loss_type: str = "stablemax"
+) -> ACTLossOutput:
+    """The loss of one ACT step and the per-row quantities the metrics need."""
+    mask = labels != IGNORE_LABEL
+    n = mask.sum(-1)
+    denom = n.clamp_min(1)
+    lm = token_cross_entropy(logits, labels, loss_type).sum(-1) / denom
+    with torch.no_grad():
+        preds = logits.argmax(-1)
+        correct = ((preds == labels) & mask).sum(-1)
+        exact = correct == n
+    q_loss = F.binary_cross_entropy_with_logits(q_halt_logits.float(), exact.float(), reduction="none")
+    loss = (lm + q_halt_loss_weight * q_loss.double()).mean()
+    return ACTLossOutput(
+        loss=loss.float(),
+        lm_loss=lm.detach().float(),
+        q_halt_loss=q_loss.detach(),
+        token_accuracy=(correct.float() / denom),
+        exact=exact,
+        has_labels=n > 0,
+        predictions=preds,
+    )

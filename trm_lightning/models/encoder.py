@@ -1,0 +1,170 @@
+"""The seed's StandardDemoEncoder: demo (input, output) pairs -> context tokens for the TRM prefix.
+
+::
+
+    StandardDemoEncoder
+    ├── DemoGridEncoder (per valid demo pair)
+    │   ├── separate input / output token embeddings, [input; output] -> 2*S*S tokens, x sqrt(D)
+    │   ├── RoPE over positions 0..2*S*S-1, PAD keys masked
+    │   ├── encoder_num_layers blocks (post- or pre-norm, optional layer scale)
+    │   ├── pooling over non-PAD tokens: mean | attention (one learned query) | weighted (softmax scores)
+    │   └── linear projection -> one D-vector per demo
+    └── DemoSetEncoder (over the K demos of a row)
+        ├── puzzle_emb_len learned query tokens
+        ├── encoder_set_layers cross-attention layers over the valid demos only (+ SwiGLU)
+        └── final RMSNorm -> context (B, puzzle_emb_len, D), unit RMS per token
+
+Only the valid demo slots are encoded (packed, then scattered back), so masked slots cost nothing and
+cannot change the output.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from trm_lightning.models.layers import Block, CrossAttention, RotaryEmbedding, lecun_linear, rms_norm, trunc_normal_
+
+POOLING_METHODS = ("mean", "attention", "weighted")
+PAD_TOKEN = 0
+
+
+class DemoGridEncoder(nn.Module):
+    """Encodes one demo pair (input grid, output grid), as canvas tokens, into one D-vector."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        num_layers: int,
+        canvas_size: int,
+        vocab_size: int = 12,
+        expansion: float = 4.0,
+        pooling: str = "mean",
+        norm_style: str = "post",
+        layer_scale_init: float = 0.0,
+        rms_norm_eps: float = 1e-5,
+        rope_theta: float = 10000.0,
+    ) -> None:
+        super().__init__()
+        if pooling not in POOLING_METHODS:
+            raise ValueError(f"pooling must be one of {POOLING_METHODS}, got {pooling!r}")
+        self.pooling = pooling
+        self.norm_style = norm_style
+        self.eps = rms_norm_eps
+        self.embed_scale = math.sqrt(hidden_size)
+        self.input_embed = nn.Embedding(vocab_size, hidden_size)
+        self.output_embed = nn.Embedding(vocab_size, hidden_size)
+        for emb in (self.input_embed, self.output_embed):
+            trunc_normal_(emb.weight.data, 1.0 / math.sqrt(hidden_size))
+        self.rope = RotaryEmbedding(hidden_size // num_heads, 2 * canvas_size * canvas_size, rope_theta)
+        self.layers = nn.ModuleList(
+            Block(hidden_size, num_heads, expansion, norm_style, layer_scale_init, rms_norm_eps) for _ in range(num_layers)
+        )
+        if pooling == "attention":
+            self.pool_query = nn.Parameter(trunc_normal_(torch.empty(1, 1, hidden_size), 0.02))
+            self.pool_attn = CrossAttention(hidden_size, num_heads)
+        elif pooling == "weighted":
+            self.pool_score = lecun_linear(hidden_size, 1)
+        self.pool_proj = lecun_linear(hidden_size, hidden_size)
+
+    def forward(self, demo_inputs: Tensor, demo_outputs: Tensor) -> Tensor:
+        """(N, S*S) input tokens and (N, S*S) output tokens -> (N, D)."""
+        tokens = torch.cat([demo_inputs, demo_outputs], dim=1)  # (N, 2*S*S)
+        h = torch.cat([self.input_embed(demo_inputs.long()), self.output_embed(demo_outputs.long())], dim=1)
+        h = h * self.embed_scale  # (N, 2*S*S, D)
+        key_mask = tokens != PAD_TOKEN  # (N, 2*S*S): EOS and colours count, PAD does not
+        rope = self.rope()
+        for layer in self.layers:
+            h = layer(h, rope, key_mask)
+        if self.norm_style == "pre":
+            h = rms_norm(h, self.eps)
+        return self.pool_proj(self._pool(h, key_mask))
+
+    def _pool(self, h: Tensor, key_mask: Tensor) -> Tensor:
+        if self.pooling == "mean":
+            w = key_mask.to(h.dtype).unsqueeze(-1)  # (N, T, 1)
+            return (h * w).sum(1) / w.sum(1).clamp_min(1.0)
+        if self.pooling == "attention":
+            q = self.pool_query.to(h.dtype).expand(h.shape[0], -1, -1)
+            return self.pool_attn(q, h, key_mask).squeeze(1)
+        scores = self.pool_score(h).squeeze(-1).float().masked_fill(~key_mask, float("-inf"))
+        weights = torch.softmax(scores, dim=-1).to(h.dtype)  # (N, T)
+        return torch.einsum("nt,ntd->nd", weights, h)
+
+
+class DemoSetEncoder(nn.Module):
+    """Aggregates the K demo vectors of each row into ``output_tokens`` context tokens."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        output_tokens: int,
+        num_layers: int = 1,
+        expansion: float = 4.0,
+        norm_style: str = "post",
+        layer_scale_init: float = 0.0,
+        rms_norm_eps: float = 1e-5,
+    ) -> None:
+        super().__init__()
+        self.eps = rms_norm_eps
+        self.queries = nn.Parameter(trunc_normal_(torch.empty(output_tokens, hidden_size), 0.02))
+        self.layers = nn.ModuleList(
+            Block(hidden_size, num_heads, expansion, norm_style, layer_scale_init, rms_norm_eps, cross=True)
+            for _ in range(num_layers)
+        )
+
+    def forward(self, demo_vectors: Tensor, demo_mask: Tensor) -> Tensor:
+        """(B, K, D) demo vectors and (B, K) validity -> (B, output_tokens, D) with unit RMS per token."""
+        # a row with no valid demo would attend to nothing (NaN): let it attend to its zero vectors instead
+        key_mask = demo_mask | ~demo_mask.any(dim=1, keepdim=True)
+        q = self.queries.to(demo_vectors.dtype).unsqueeze(0).expand(demo_vectors.shape[0], -1, -1)
+        for layer in self.layers:
+            q = layer(q, key_mask=key_mask, memory=demo_vectors)
+        return rms_norm(q, self.eps)
+
+
+class StandardDemoEncoder(nn.Module):
+    """The seed's encoder: DemoGridEncoder per valid demo pair, then DemoSetEncoder over the set.
+
+    Args mirror the seed's knobs: ``num_layers`` (encoder_num_layers), ``output_tokens`` (puzzle_emb_len),
+    ``pooling`` (encoder_pooling_method), ``set_layers`` (encoder_set_layers), ``layer_scale_init``
+    (encoder_layer_scale_init), ``norm_style`` (encoder_norm_style).
+    """
+
+    def __init__(
+        self,
+        hidden_size: int = 512,
+        num_heads: int = 8,
+        num_layers: int = 2,
+        output_tokens: int = 16,
+        pooling: str = "mean",
+        set_layers: int = 1,
+        layer_scale_init: float = 0.0,
+        norm_style: str = "post",
+        canvas_size: int = 30,
+        vocab_size: int = 12,
+        expansion: float = 4.0,
+        rms_norm_eps: float = 1e-5,
+        rope_theta: float = 10000.0,
+    ) -> None:
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.grid_encoder = DemoGridEncoder(
+            hidden_size, num_heads, num_layers, canvas_size, vocab_size, expansion, pooling, norm_style,
+            layer_scale_init, rms_norm_eps, rope_theta,
+        )
+        self.set_encoder = DemoSetEncoder(
+            hidden_size, num_heads, output_tokens, set_layers, expansion, norm_style, layer_scale_init, rms_norm_eps
+        )
+
+    def forward(self, demo_inputs: Tensor, demo_outputs: Tensor, demo_mask: Tensor) -> Tensor:
+        """(B, K, S*S) demo inputs/outputs and (B, K) mask -> context (B, output_tokens, D)."""
+        B, K, T = demo_inputs.shape
+        valid = demo_mask.reshape(B * K).nonzero().squeeze(1)  # indices of the valid slots
+        encoded = self.grid_encoder(demo_inputs.reshape(B * K, T)[valid], demo_outputs.reshape(B * K, T)[valid])
+        vectors = encoded.new_zeros(B * K, encoded.shape[-1]).index_copy(0, valid, encoded)
+        return self.set_encoder(vectors.view(B, K, -1), demo_mask)

@@ -1,0 +1,204 @@
+"""Building blocks shared by the TRM core and the demo encoder (pure ``nn.Module``s).
+
+Follows the TRM reference (``reference/trm.md`` §1.3): bias-free linear layers with truncated LeCun-normal
+init, RMSNorm without a gain computed in fp32, rotary position embeddings applied in fp32, fused-QKV
+attention through ``F.scaled_dot_product_attention`` and SwiGLU with TRM's intermediate-size rounding.
+Shapes: B batch, L sequence, D hidden, H heads, Dh head dim.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# std of a standard normal truncated at +-2 sigma: dividing by it gives the requested std after truncation
+_TRUNC_STD_AT_2 = 0.87962566103423978
+
+
+def trunc_normal_(tensor: Tensor, std: float) -> Tensor:
+    """JAX-style truncated normal (clip at +-2 sigma) whose *resulting* std is ``std``."""
+    if std == 0:
+        return tensor.zero_()
+    s = std / _TRUNC_STD_AT_2
+    return nn.init.trunc_normal_(tensor, mean=0.0, std=s, a=-2 * s, b=2 * s)
+
+
+def lecun_linear(in_features: int, out_features: int, bias: bool = False) -> nn.Linear:
+    """``nn.Linear`` with truncated LeCun-normal weights (std 1/sqrt(fan_in)) and zero bias."""
+    layer = nn.Linear(in_features, out_features, bias=bias)
+    with torch.no_grad():
+        trunc_normal_(layer.weight, 1.0 / math.sqrt(in_features))
+        if bias:
+            layer.bias.zero_()
+    return layer
+
+
+def rms_norm(x: Tensor, eps: float = 1e-5) -> Tensor:
+    """RMSNorm without a learnable gain, computed in fp32 and cast back to the input dtype."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def swiglu_intermediate(hidden_size: int, expansion: float) -> int:
+    """TRM's SwiGLU width: round(expansion * D * 2/3) rounded up to a multiple of 256 (1536 for D=512)."""
+    inter = round(expansion * hidden_size * 2 / 3)
+    return -(-inter // 256) * 256
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotate-half RoPE tables for positions 0..max_positions-1 (non-persistent buffers)."""
+
+    def __init__(self, head_dim: int, max_positions: int, base: float = 10000.0) -> None:
+        super().__init__()
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        t = torch.arange(max_positions, dtype=torch.float32)
+        freqs = torch.outer(t, inv_freq)  # (L, Dh/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (L, Dh)
+        self.register_buffer("cos", emb.cos(), persistent=False)
+        self.register_buffer("sin", emb.sin(), persistent=False)
+
+    def forward(self, positions: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Return (cos, sin) of shape (L, Dh), or (..., L, Dh) when ``positions`` indexes the table."""
+        if positions is None:
+            return self.cos, self.sin
+        return self.cos[positions], self.sin[positions]
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate ``x`` (B, H, L, Dh) in fp32. ``cos``/``sin`` are (L, Dh) or (B, L, Dh)."""
+    if cos.dim() == 3:
+        cos, sin = cos[:, None], sin[:, None]
+    xf = x.float()
+    return (xf * cos + _rotate_half(xf) * sin).to(x.dtype)
+
+
+def _key_mask_to_attn(key_mask: Tensor | None) -> Tensor | None:
+    # (B, Lk) bool, True = attend  ->  (B, 1, 1, Lk) for SDPA broadcasting over heads and queries
+    return None if key_mask is None else key_mask[:, None, None, :]
+
+
+class Attention(nn.Module):
+    """Non-causal multi-head self-attention, fused QKV, no biases, optional RoPE and key-padding mask."""
+
+    def __init__(self, hidden_size: int, num_heads: int) -> None:
+        super().__init__()
+        if hidden_size % num_heads:
+            raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = hidden_size // num_heads
+        self.qkv_proj = lecun_linear(hidden_size, 3 * hidden_size)
+        self.o_proj = lecun_linear(hidden_size, hidden_size)
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None, key_mask: Tensor | None = None) -> Tensor:
+        B, L, D = x.shape
+        qkv = self.qkv_proj(x).view(B, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]  # (B, H, L, Dh)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            q, k = q.to(v.dtype), k.to(v.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=_key_mask_to_attn(key_mask))
+        return self.o_proj(out.transpose(1, 2).reshape(B, L, D))
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention of ``queries`` over ``memory`` with an optional key mask (True = attend)."""
+
+    def __init__(self, hidden_size: int, num_heads: int) -> None:
+        super().__init__()
+        if hidden_size % num_heads:
+            raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = hidden_size // num_heads
+        self.q_proj = lecun_linear(hidden_size, hidden_size)
+        self.kv_proj = lecun_linear(hidden_size, 2 * hidden_size)
+        self.o_proj = lecun_linear(hidden_size, hidden_size)
+
+    def forward(self, queries: Tensor, memory: Tensor, key_mask: Tensor | None = None) -> Tensor:
+        B, Lq, D = queries.shape
+        Lk = memory.shape[1]
+        q = self.q_proj(queries).view(B, Lq, self.num_heads, self.head_dim).transpose(1, 2)
+        kv = self.kv_proj(memory).view(B, Lk, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=_key_mask_to_attn(key_mask))
+        return self.o_proj(out.transpose(1, 2).reshape(B, Lq, D))
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate) * up), with gate and up fused into one projection."""
+
+    def __init__(self, hidden_size: int, expansion: float) -> None:
+        super().__init__()
+        inter = swiglu_intermediate(hidden_size, expansion)
+        self.gate_up_proj = lecun_linear(hidden_size, 2 * inter)
+        self.down_proj = lecun_linear(inter, hidden_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class LayerScale(nn.Module):
+    """CaiT per-channel scale of a residual branch, initialised to ``init``."""
+
+    def __init__(self, hidden_size: int, init: float) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((hidden_size,), float(init)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.gamma.to(x.dtype)
+
+
+class Block(nn.Module):
+    """Transformer block: attention then SwiGLU, each on a residual branch.
+
+    ``norm_style="post"`` is TRM's ``x = norm(x + f(x))``; ``"pre"`` is ``x = x + f(norm(x))``.
+    ``layer_scale_init > 0`` multiplies each branch by a learned per-channel scale (CaiT).
+    ``cross=True`` makes the attention attend to a ``memory`` instead of to ``x`` itself (the set encoder).
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        expansion: float = 4.0,
+        norm_style: str = "post",
+        layer_scale_init: float = 0.0,
+        rms_norm_eps: float = 1e-5,
+        cross: bool = False,
+    ) -> None:
+        super().__init__()
+        if norm_style not in ("post", "pre"):
+            raise ValueError(f"norm_style must be 'post' or 'pre', got {norm_style!r}")
+        self.norm_style = norm_style
+        self.eps = rms_norm_eps
+        self.cross = cross
+        self.attn = CrossAttention(hidden_size, num_heads) if cross else Attention(hidden_size, num_heads)
+        self.mlp = SwiGLU(hidden_size, expansion)
+        use_ls = layer_scale_init > 0
+        self.ls_attn = LayerScale(hidden_size, layer_scale_init) if use_ls else nn.Identity()
+        self.ls_mlp = LayerScale(hidden_size, layer_scale_init) if use_ls else nn.Identity()
+
+    def _attend(self, h: Tensor, rope, key_mask, memory) -> Tensor:
+        if self.cross:
+            return self.attn(h, memory, key_mask)
+        return self.attn(h, rope, key_mask)
+
+    def forward(
+        self,
+        x: Tensor,
+        rope: tuple[Tensor, Tensor] | None = None,
+        key_mask: Tensor | None = None,
+        memory: Tensor | None = None,
+    ) -> Tensor:
+        if self.norm_style == "post":
+            x = rms_norm(x + self.ls_attn(self._attend(x, rope, key_mask, memory)), self.eps)
+            return rms_norm(x + self.ls_mlp(self.mlp(x)), self.eps)
+        x = x + self.ls_attn(self._attend(rms_norm(x, self.eps), rope, key_mask, memory))
+        return x + self.ls_mlp(self.mlp(rms_norm(x, self.eps)))

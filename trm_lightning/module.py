@@ -1,0 +1,208 @@
+"""TRMLitModule: a demo encoder + the TRM core, trained one ACT step per ``training_step``.
+
+Training (DESIGN §2-3): the ACT carry lives on the module (``self._carry``, a plain attribute). Each step,
+halted rows load the batch's row at the same index, the encoder re-encodes the demos of *every* row in the
+carry (so it gets gradient from every row), the TRM runs one ACT step, and the loss is
+``lm + q_halt_loss_weight * BCE(q_halt, exact)``. Metrics count the rows that halt at this step, summed over
+``trainer.log_every_n_steps`` steps and over ranks before they are logged.
+
+Validation/test: a fresh carry per batch, halting off, exactly ``halt_max_steps`` steps, the context computed
+once per batch. Two validation views: ``val/`` (held-out tasks) and ``val_seen/`` (training tasks under
+augmentations never drawn in training).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from lightning.pytorch import LightningModule
+from torch import Tensor
+
+from trm_lightning.data.tokenize import VOCAB_SIZE
+from trm_lightning.losses import act_loss
+from trm_lightning.metrics import ACTMetrics
+from trm_lightning.models.encoder import StandardDemoEncoder
+from trm_lightning.models.trm import ACTCarry, TinyRecursiveModel
+from trm_lightning.optim import named_param_groups, warmup_cosine
+
+VAL_VIEWS = ("val", "val_seen")
+
+
+class TRMLitModule(LightningModule):
+    """Encoder-conditioned Tiny Recursive Model.
+
+    Args:
+        canvas_size: side of the token canvas (linked from ``data.canvas_size``).
+        hidden_size: width D shared by the encoder and the TRM core.
+        num_heads: attention heads in both.
+        expansion: SwiGLU expansion factor.
+        L_layers: blocks in TRM's single shared net.
+        H_cycles: TRM outer cycles per ACT step (the first H_cycles-1 without gradient).
+        L_cycles: TRM latent updates per cycle.
+        halt_max_steps: ACT steps before a row must halt; evaluation always runs this many.
+        halt_exploration_prob: chance a training row gets a random minimum number of steps.
+        puzzle_emb_len: context tokens the encoder emits (the TRM prefix length).
+        encoder_num_layers: transformer layers of the per-demo grid encoder.
+        encoder_pooling_method: how a demo's tokens become one vector: mean, attention or weighted.
+        encoder_set_layers: cross-attention layers of the set encoder over the demos.
+        encoder_layer_scale_init: CaiT layer-scale init of the encoder's residual branches (0 = off).
+        encoder_norm_style: encoder blocks with post-norm (TRM style) or pre-norm.
+        loss_type: token loss, stablemax (TRM, fp64) or softmax.
+        q_halt_loss_weight: weight of the halting BCE.
+        lr: base learning rate (the TRM group).
+        encoder_lr_scale: the encoder group's lr is lr x this (0 freezes the encoder's updates).
+        weight_decay: AdamW decoupled weight decay, on all parameters as in TRM.
+        beta1: AdamW beta1.
+        beta2: AdamW beta2.
+        lr_warmup_steps: linear warmup steps from 0.
+        lr_min_ratio: cosine floor as a fraction of lr at the last step; 1.0 = constant after warmup.
+    """
+
+    def __init__(
+        self,
+        canvas_size: int = 30,
+        hidden_size: int = 512,
+        num_heads: int = 8,
+        expansion: float = 4.0,
+        L_layers: int = 2,
+        H_cycles: int = 3,
+        L_cycles: int = 4,
+        halt_max_steps: int = 16,
+        halt_exploration_prob: float = 0.1,
+        puzzle_emb_len: int = 16,
+        encoder_num_layers: int = 2,
+        encoder_pooling_method: Literal["mean", "attention", "weighted"] = "mean",
+        encoder_set_layers: int = 1,
+        encoder_layer_scale_init: float = 0.0,
+        encoder_norm_style: Literal["post", "pre"] = "post",
+        loss_type: Literal["stablemax", "softmax"] = "stablemax",
+        q_halt_loss_weight: float = 0.5,
+        lr: float = 1e-4,
+        encoder_lr_scale: float = 1.0,
+        weight_decay: float = 0.1,
+        beta1: float = 0.9,
+        beta2: float = 0.95,
+        lr_warmup_steps: int = 2000,
+        lr_min_ratio: float = 1.0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.encoder = StandardDemoEncoder(
+            hidden_size=hidden_size,
+            num_heads=num_heads,
+            num_layers=encoder_num_layers,
+            output_tokens=puzzle_emb_len,
+            pooling=encoder_pooling_method,
+            set_layers=encoder_set_layers,
+            layer_scale_init=encoder_layer_scale_init,
+            norm_style=encoder_norm_style,
+            canvas_size=canvas_size,
+            vocab_size=VOCAB_SIZE,
+            expansion=expansion,
+        )
+        self.trm = TinyRecursiveModel(
+            vocab_size=VOCAB_SIZE,
+            seq_len=canvas_size * canvas_size,
+            hidden_size=hidden_size,
+            num_heads=num_heads,
+            expansion=expansion,
+            num_layers=L_layers,
+            H_cycles=H_cycles,
+            L_cycles=L_cycles,
+            prefix_len=puzzle_emb_len,
+            halt_max_steps=halt_max_steps,
+            halt_exploration_prob=halt_exploration_prob,
+        )
+        self.train_metrics = ACTMetrics()
+        self.val_metrics = torch.nn.ModuleDict({view: ACTMetrics() for view in VAL_VIEWS})
+        self.test_metrics = ACTMetrics()
+        self._carry: ACTCarry | None = None  # plain attribute: never a buffer, never averaged by EMA
+
+    # ------------------------------------------------------------------------------------------- pieces
+    def encode(self, data: dict[str, Tensor]) -> Tensor:
+        """Context tokens (B, puzzle_emb_len, D) for the rows in ``data``."""
+        return self.encoder(data["demo_inputs"], data["demo_outputs"], data["demo_mask"])
+
+    def rollout(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """Evaluation: encode once, run exactly ``halt_max_steps`` ACT steps with halting off.
+
+        Returns the last step's logits (B, S*S, V), q logits (B, 2) and the context.
+        """
+        context = self.encode(batch)
+        x = self.trm.embed(batch["inputs"], context)
+        carry = self.trm.initial_carry(batch)
+        y, z = carry.y, carry.z
+        for _ in range(self.trm.halt_max_steps):
+            y, z, logits, q = self.trm(y, z, x)
+        return logits, q, context
+
+    # ----------------------------------------------------------------------------------------- training
+    def on_train_start(self) -> None:
+        self._carry = None
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        if self._carry is None or self._carry.halted.shape[0] != batch["inputs"].shape[0]:
+            if self._carry is not None:
+                raise RuntimeError("the ACT carry needs a constant per-rank batch size (drop_last=True)")
+            self._carry = self.trm.initial_carry(batch)
+        carry = self.trm.reset_carry(self._carry, batch)
+        data = carry.data
+        context = self.encode(data)  # every row, every step, with gradient
+        x = self.trm.embed(data["inputs"], context)
+        y, z, logits, q = self.trm(carry.y, carry.z, x)
+        steps = carry.steps + 1
+        q_halt = q[:, 0]
+        out = act_loss(logits, data["labels"], q_halt, self.hparams.q_halt_loss_weight, self.hparams.loss_type)
+        halted = self.trm.halt(steps, q_halt.detach())
+        self._carry = ACTCarry(y=y, z=z, steps=steps, halted=halted, data=data)
+
+        self.train_metrics.update(
+            halted & out.has_labels, out.token_accuracy, out.exact, q_halt.detach(), steps, out.lm_loss, out.q_halt_loss
+        )
+        if self._is_logging_step():
+            values = self.train_metrics.compute()  # all ranks reach this together: the states are summed
+            self.train_metrics.reset()
+            self.log_dict({f"train/{k}": v for k, v in values.items()}, on_step=True, on_epoch=False)
+        return {"loss": out.loss, "context": context.detach(), "exact": out.exact, "halted": halted}
+
+    def _is_logging_step(self) -> bool:
+        """True at the steps where Lightning writes step-level logs (every ``log_every_n_steps``)."""
+        return self.trainer._logger_connector.should_update_logs
+
+    # --------------------------------------------------------------------------------------- evaluation
+    def _eval_step(self, batch: dict[str, Tensor], metrics: ACTMetrics) -> dict[str, Tensor]:
+        logits, q, context = self.rollout(batch)
+        out = act_loss(logits, batch["labels"], q[:, 0], self.hparams.q_halt_loss_weight, self.hparams.loss_type)
+        steps = torch.full_like(out.lm_loss, float(self.trm.halt_max_steps))
+        metrics.update(out.has_labels, out.token_accuracy, out.exact, q[:, 0], steps, out.lm_loss, out.q_halt_loss)
+        return {"predictions": out.predictions, "q_halt_logits": q[:, 0], "exact": out.exact, "context": context}
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
+        return self._eval_step(batch, self.val_metrics[VAL_VIEWS[dataloader_idx]])
+
+    def on_validation_epoch_end(self) -> None:
+        for view, metrics in self.val_metrics.items():
+            if metrics.update_called:
+                values = metrics.compute()
+                self.log_dict({f"{view}/{k}": v for k, v in values.items()}, on_epoch=True)
+            metrics.reset()
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        return self._eval_step(batch, self.test_metrics)
+
+    def on_test_epoch_end(self) -> None:
+        values = self.test_metrics.compute()
+        self.log_dict({f"test/{k}": v for k, v in values.items()}, on_epoch=True)
+        self.test_metrics.reset()
+
+    # ---------------------------------------------------------------------------------------- optimiser
+    def configure_optimizers(self):
+        hp = self.hparams
+        groups = named_param_groups(
+            {"encoder": self.encoder, "trm": self.trm}, {"encoder": hp.lr * hp.encoder_lr_scale, "trm": hp.lr}
+        )
+        optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=(hp.beta1, hp.beta2), weight_decay=hp.weight_decay)
+        total = int(self.trainer.estimated_stepping_batches)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(hp.lr_warmup_steps, total, hp.lr_min_ratio))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step", "name": "lr"}}
