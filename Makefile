@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 CONFIG ?= configs/demo.yaml
 
-.PHONY: install test test-full demo print-config tensorboard clean
+.PHONY: install test test-full demo overfit print-config tensorboard clean
 
 install: $(STAMP)
 
@@ -20,8 +20,14 @@ test: install  ## fast suite (< 10 min on 2 cores); pytest's exit 5 (no tests) f
 test-full: install  ## everything, including tests marked slow
 	$(BIN)/python -m pytest -q -m "slow or not slow"
 
-demo: install  ## CPU training on real ARC-AGI-1 tasks that fit a 10x10 canvas, then a summary line
+demo: install  ## CPU training on real ARC-AGI-1 tasks that fit a 10x10 canvas, then held-out ARC pass@k
 	$(BIN)/trm fit --config configs/demo.yaml
+	run=$$(ls -td runs/demo/version_* | head -1) && \
+	  $(BIN)/trm test --config $$run/config.yaml --ckpt_path $$run/checkpoints/last.ckpt \
+	    --trainer.logger.init_args.name demo_test --progress_bar.refresh_rate 0 --verbose false
+
+overfit: install  ## the seed's E1 gate on CPU: exit 0 with `overfit: PASS ...` or 1 with `overfit: FAIL ...`
+	$(BIN)/trm fit --config configs/overfit_cpu.yaml
 
 print-config: install  ## the resolved config of CONFIG (default: the demo)
 	$(BIN)/trm fit --config $(CONFIG) --print_config

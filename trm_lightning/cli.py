@@ -59,9 +59,10 @@ def build_cli(args: ArgsType = None, run: bool = True) -> TRMCLI:
 
 
 def main(args: ArgsType = None) -> None:
-    """Console entry point: user-facing errors become one ``trm: error: ...`` line and exit status 2."""
+    """Console entry point: user-facing errors become one ``trm: error: ...`` line (exit status 2), and a
+    failed gate its verdict line (exit status 1), instead of a traceback."""
     try:
         build_cli(args)
     except TRMError as err:
-        print(f"trm: error: {err}", file=sys.stderr)
-        sys.exit(2)
+        print(f"{err.prefix}{err}", file=sys.stderr, flush=True)
+        sys.exit(err.exit_code)

@@ -2,7 +2,13 @@
 
 
 class TRMError(Exception):
-    """Base class of user-facing errors: bad data, bad configuration, bad checkpoints."""
+    """Base class of user-facing errors: bad data, bad configuration, bad checkpoints.
+
+    The CLI prints ``prefix + message`` on stderr and exits with ``exit_code``.
+    """
+
+    exit_code = 2
+    prefix = "trm: error: "
 
 
 class DataError(TRMError):
@@ -11,3 +17,10 @@ class DataError(TRMError):
 
 class ConfigError(TRMError):
     """A configuration that cannot work (for example a batch that does not divide by the world size)."""
+
+
+class GateFailure(TRMError):
+    """A pass/fail check (the E1 overfit gate) failed; the message is the verdict line, printed as is."""
+
+    exit_code = 1
+    prefix = ""

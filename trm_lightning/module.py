@@ -13,6 +13,7 @@ augmentations never drawn in training).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -20,6 +21,7 @@ from lightning.pytorch import LightningModule
 from torch import Tensor
 
 from trm_lightning.data.tokenize import VOCAB_SIZE
+from trm_lightning.evaluation import ARCVoteEvaluator
 from trm_lightning.losses import act_loss
 from trm_lightning.metrics import ACTMetrics
 from trm_lightning.models.encoder import StandardDemoEncoder
@@ -118,18 +120,24 @@ class TRMLitModule(LightningModule):
         self.val_metrics = torch.nn.ModuleDict({view: ACTMetrics() for view in VAL_VIEWS})
         self.test_metrics = ACTMetrics()
         self._carry: ACTCarry | None = None  # plain attribute: never a buffer, never averaged by EMA
+        self._evaluator: ARCVoteEvaluator | None = None
 
     # ------------------------------------------------------------------------------------------- pieces
     def encode(self, data: dict[str, Tensor]) -> Tensor:
         """Context tokens (B, puzzle_emb_len, D) for the rows in ``data``."""
         return self.encoder(data["demo_inputs"], data["demo_outputs"], data["demo_mask"])
 
-    def rollout(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    def rollout(
+        self, batch: dict[str, Tensor], context_fn: Callable[[Tensor], Tensor] | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """Evaluation: encode once, run exactly ``halt_max_steps`` ACT steps with halting off.
 
-        Returns the last step's logits (B, S*S, V), q logits (B, 2) and the context.
+        ``context_fn`` (optional) transforms the context before the TRM sees it (ablations: shuffled or zeroed
+        context). Returns the last step's logits (B, S*S, V), q logits (B, 2) and the context used.
         """
         context = self.encode(batch)
+        if context_fn is not None:
+            context = context_fn(context)
         x = self.trm.embed(batch["inputs"], context)
         carry = self.trm.initial_carry(batch)
         y, z = carry.y, carry.z
@@ -164,7 +172,13 @@ class TRMLitModule(LightningModule):
             values = self.train_metrics.compute()  # all ranks reach this together: the states are summed
             self.train_metrics.reset()
             self.log_dict({f"train/{k}": v for k, v in values.items()}, on_step=True, on_epoch=False)
-        return {"loss": out.loss, "context": context.detach(), "exact": out.exact, "halted": halted}
+        return {
+            "loss": out.loss,
+            "context": context.detach(),  # (B, P, D) for the diagnostics callbacks
+            "task_index": data["task_index"],  # which task each row is solving
+            "exact": out.exact,
+            "halted": halted,
+        }
 
     def _is_logging_step(self) -> bool:
         """True at the steps where Lightning writes step-level logs (every ``log_every_n_steps``)."""
@@ -188,13 +202,31 @@ class TRMLitModule(LightningModule):
                 self.log_dict({f"{view}/{k}": v for k, v in values.items()}, on_epoch=True)
             metrics.reset()
 
+    def on_test_epoch_start(self) -> None:
+        dm = self.trainer.datamodule
+        # a new evaluator per test run: votes never pool across checkpoints or runs
+        self._evaluator = ARCVoteEvaluator(dm.eval_tasks, seed=dm.seed)
+
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
-        return self._eval_step(batch, self.test_metrics)
+        out = self._eval_step(batch, self.test_metrics)
+        self._evaluator.add_batch(
+            batch["task_index"], batch["query_index"], batch["aug_index"], out["predictions"], out["q_halt_logits"]
+        )
+        return out
 
     def on_test_epoch_end(self) -> None:
         values = self.test_metrics.compute()
         self.log_dict({f"test/{k}": v for k, v in values.items()}, on_epoch=True)
         self.test_metrics.reset()
+        evaluator, self._evaluator = self._evaluator, None
+        evaluator.gather(self.trainer.strategy)  # every rank: one all_gather of the votes
+        results = evaluator.results()
+        self.log_dict({f"ARC/pass@{k}": torch.tensor(r.percent) for k, r in results.items()}, on_epoch=True)
+        if self.trainer.is_global_zero:
+            paths = evaluator.write(self.trainer.log_dir or ".")
+            for r in results.values():
+                print(r, flush=True)
+            print(f"votes from {len(evaluator)} rows; wrote {paths['submission']} and {paths['details']}", flush=True)
 
     # ---------------------------------------------------------------------------------------- optimiser
     def configure_optimizers(self):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from lightning.pytorch import Callback
@@ -75,7 +77,12 @@ def test_fit_logs_required_tags_and_checkpoints(synthetic_task_dir, synthetic_ev
     # the saved config runs validate/test again with the checkpoint
     cli2 = run_tiny("test", synthetic_task_dir, synthetic_eval_dir, tmp_path,
                     f"--ckpt_path={os.path.join(log_dir, 'checkpoints', 'last.ckpt')}")
-    assert "test/exact_accuracy" in cli2.trainer.callback_metrics
+    metrics = cli2.trainer.callback_metrics
+    assert "test/exact_accuracy" in metrics and "ARC/pass@2" in metrics
+    test_dir = cli2.trainer.log_dir
+    assert os.path.exists(os.path.join(test_dir, "submission.json"))
+    details = json.loads(open(os.path.join(test_dir, "eval_details.json")).read())
+    assert len(details) == 6  # every held-out synthetic task was evaluated
 
 
 def test_train_metrics_count_only_halted_rows(synthetic_task_dir, synthetic_eval_dir, tmp_path):

@@ -150,6 +150,7 @@ def test_val_and_test_dataloaders(synthetic_task_dir, synthetic_eval_dir):
         synthetic_eval_dir,
         val_seen_puzzles=5,
         val_augmentations=3,
+        test_augmentations=4,
         num_train_augmentations=100,
         eval_batch_size=5,
     )
@@ -165,7 +166,7 @@ def test_val_and_test_dataloaders(synthetic_task_dir, synthetic_eval_dir):
     chosen = dm.val_seen_task_indices()
     assert len(chosen) == 5 and chosen == sorted(chosen)
     assert {int(t) for batch in seen for t in batch["task_index"]} == set(chosen)
-    assert len(dm.test_dataloader().dataset) == 6 * 3
+    assert len(dm.test_dataloader().dataset) == 6 * 4  # test votes over its own augmentation count
 
     only = _dm(synthetic_task_dir, synthetic_eval_dir, val_seen_puzzles=0)
     loaders = only.val_dataloader()

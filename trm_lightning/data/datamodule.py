@@ -9,10 +9,10 @@ import lightning
 import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, default_collate
 
 from trm_lightning.data.arc import ArcTask, load_source
-from trm_lightning.data.episodes import EpisodeDataset, EpisodeSampler, KeyedEpisodes, eval_keys
+from trm_lightning.data.episodes import EpisodeDataset, EpisodeKey, EpisodeSampler, KeyedEpisodes, eval_keys
 from trm_lightning.data.tokenize import VOCAB_SIZE
 from trm_lightning.errors import ConfigError
 
@@ -42,6 +42,8 @@ class ARCDataModule(lightning.LightningDataModule):
         num_train_augmentations: training draws augmentation indices in ``0..n-1`` (0 is the original).
         val_augmentations: augmentations per evaluation query (index 0, the original, comes first).
         val_seen_puzzles: training tasks in the ``val_seen`` view; 0 turns it off.
+        test_augmentations: augmentations per held-out query in ``trm test`` (votes are pooled over them;
+            index 0, the original, comes first; TRM votes over ~1000).
         translate: place training episodes at a random offset on the canvas (not the original version).
         leave_one_out_prob: probability that a training episode uses one of its demos as the query.
         num_workers: DataLoader worker processes.
@@ -63,6 +65,7 @@ class ARCDataModule(lightning.LightningDataModule):
         num_train_augmentations: int = 1000,
         val_augmentations: int = 1,
         val_seen_puzzles: int = 32,
+        test_augmentations: int = 8,
         translate: bool = False,
         leave_one_out_prob: float = 0.0,
         num_workers: int = 0,
@@ -84,6 +87,7 @@ class ARCDataModule(lightning.LightningDataModule):
             (num_train_augmentations >= 1, f"num_train_augmentations must be >= 1, got {num_train_augmentations}"),
             (val_augmentations >= 1, f"val_augmentations must be >= 1, got {val_augmentations}"),
             (val_seen_puzzles >= 0, f"val_seen_puzzles must be >= 0, got {val_seen_puzzles}"),
+            (test_augmentations >= 1, f"test_augmentations must be >= 1, got {test_augmentations}"),
             (0.0 <= leave_one_out_prob <= 1.0, f"leave_one_out_prob must be in [0, 1], got {leave_one_out_prob}"),
             (num_workers >= 0, f"num_workers must be >= 0, got {num_workers}"),
             (seed >= 0 and puzzle_subset_seed >= 0, "seed and puzzle_subset_seed must be >= 0"),
@@ -105,6 +109,7 @@ class ARCDataModule(lightning.LightningDataModule):
         self.num_train_augmentations = num_train_augmentations
         self.val_augmentations = val_augmentations
         self.val_seen_puzzles = val_seen_puzzles
+        self.test_augmentations = test_augmentations
         self.translate = translate
         self.leave_one_out_prob = leave_one_out_prob
         self.num_workers = num_workers
@@ -275,9 +280,9 @@ class ARCDataModule(lightning.LightningDataModule):
     def _eval_batch_size(self) -> int:
         return self.eval_batch_size if self.eval_batch_size is not None else self.local_batch_size
 
-    def _heldout_loader(self) -> DataLoader:
+    def _heldout_loader(self, num_augmentations: int | None = None) -> DataLoader:
         dataset = EpisodeDataset(self.eval_tasks, self.canvas_size, self.max_demos, seed=self.seed)
-        keys = eval_keys(self.eval_tasks, range(self.val_augmentations))
+        keys = eval_keys(self.eval_tasks, range(num_augmentations or self.val_augmentations))
         return self._loader(KeyedEpisodes(dataset, keys), self._eval_batch_size(), shuffle=False)
 
     def val_seen_task_indices(self) -> list[int]:
@@ -294,6 +299,31 @@ class ARCDataModule(lightning.LightningDataModule):
         keys = [k for k in eval_keys(self.train_tasks, augs) if k.task_index in chosen]
         return self._loader(KeyedEpisodes(dataset, keys), self._eval_batch_size(), shuffle=False)
 
+    def probe_batch(self, num_tasks: int = 16, views: int = 2) -> dict[str, torch.Tensor]:
+        """A fixed probe set for representation diagnostics, as one collated batch.
+
+        ``num_tasks`` training tasks (all of them if there are fewer; a fixed choice from ``seed``), each
+        with its first labelled test pair as query, in ``views`` augmentations that training never draws
+        (indices after the training and ``val_seen`` ones). Row ``v * n + i`` is task ``i`` in view ``v``,
+        so the views are aligned row by row.
+        """
+        self.setup()
+        if num_tasks < 1 or views < 1:
+            raise ConfigError(f"probe_batch needs num_tasks >= 1 and views >= 1, got {num_tasks} and {views}")
+        n = min(num_tasks, len(self.train_tasks))
+        rng = np.random.default_rng([self.seed, 0x9B0BE])
+        chosen = sorted(int(i) for i in rng.choice(len(self.train_tasks), size=n, replace=False))
+        first_aug = self.num_train_augmentations + self.val_augmentations
+        dataset = EpisodeDataset(
+            self.train_tasks, self.canvas_size, self.max_demos, seed=self.seed, translate=self.translate
+        )
+        items = [
+            dataset[EpisodeKey(t, self.train_tasks[t].labelled_test_indices[0], first_aug + v)]
+            for v in range(views)
+            for t in chosen
+        ]
+        return default_collate(items)
+
     def val_dataloader(self) -> list[DataLoader]:
         self.setup()
         loaders = [self._heldout_loader()]
@@ -304,4 +334,4 @@ class ARCDataModule(lightning.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         self.setup()
-        return self._heldout_loader()
+        return self._heldout_loader(self.test_augmentations)

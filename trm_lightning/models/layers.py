@@ -85,8 +85,8 @@ def _key_mask_to_attn(key_mask: Tensor | None) -> Tensor | None:
     return None if key_mask is None else key_mask[:, None, None, :]
 
 
-class Attention(nn.Module):
-    """Non-causal multi-head self-attention, fused QKV, no biases, optional RoPE and key-padding mask."""
+class _MultiHead(nn.Module):
+    """Head bookkeeping and the output projection shared by self- and cross-attention."""
 
     def __init__(self, hidden_size: int, num_heads: int) -> None:
         super().__init__()
@@ -94,8 +94,21 @@ class Attention(nn.Module):
             raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.head_dim = hidden_size // num_heads
-        self.qkv_proj = lecun_linear(hidden_size, 3 * hidden_size)
         self.o_proj = lecun_linear(hidden_size, hidden_size)
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None) -> Tensor:
+        """(B, H, Lq, Dh) queries over (B, H, Lk, Dh) keys/values -> (B, Lq, D) after o_proj."""
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=_key_mask_to_attn(key_mask))
+        B, _, Lq, _ = out.shape
+        return self.o_proj(out.transpose(1, 2).reshape(B, Lq, self.num_heads * self.head_dim))
+
+
+class Attention(_MultiHead):
+    """Non-causal multi-head self-attention, fused QKV, no biases, optional RoPE and key-padding mask."""
+
+    def __init__(self, hidden_size: int, num_heads: int) -> None:
+        super().__init__(hidden_size, num_heads)
+        self.qkv_proj = lecun_linear(hidden_size, 3 * hidden_size)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None, key_mask: Tensor | None = None) -> Tensor:
         B, L, D = x.shape
@@ -104,30 +117,23 @@ class Attention(nn.Module):
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
             q, k = q.to(v.dtype), k.to(v.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=_key_mask_to_attn(key_mask))
-        return self.o_proj(out.transpose(1, 2).reshape(B, L, D))
+        return self._attend(q, k, v, key_mask)
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(_MultiHead):
     """Multi-head attention of ``queries`` over ``memory`` with an optional key mask (True = attend)."""
 
     def __init__(self, hidden_size: int, num_heads: int) -> None:
-        super().__init__()
-        if hidden_size % num_heads:
-            raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
-        self.num_heads = num_heads
-        self.head_dim = hidden_size // num_heads
+        super().__init__(hidden_size, num_heads)
         self.q_proj = lecun_linear(hidden_size, hidden_size)
         self.kv_proj = lecun_linear(hidden_size, 2 * hidden_size)
-        self.o_proj = lecun_linear(hidden_size, hidden_size)
 
     def forward(self, queries: Tensor, memory: Tensor, key_mask: Tensor | None = None) -> Tensor:
         B, Lq, D = queries.shape
         Lk = memory.shape[1]
         q = self.q_proj(queries).view(B, Lq, self.num_heads, self.head_dim).transpose(1, 2)
         kv = self.kv_proj(memory).view(B, Lk, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=_key_mask_to_attn(key_mask))
-        return self.o_proj(out.transpose(1, 2).reshape(B, Lq, D))
+        return self._attend(q, kv[0], kv[1], key_mask)
 
 
 class SwiGLU(nn.Module):

@@ -1,0 +1,69 @@
+"""The seed's experiment table: each overlay changes exactly what its row says, on top of the E0 baseline."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from tests.integration.helpers import ROOT
+from trm_lightning.cli import build_cli
+
+BASE = str(ROOT / "configs" / "arc1" / "encoder_trm.yaml")
+EXP = ROOT / "configs" / "experiments"
+
+# row of the seed's table -> the resolved keys it must change (besides the run name)
+EXPECTED = {
+    "E0_baseline": {},
+    "E1_overfit": {"data.max_train_puzzles": 10, "data.global_batch_size": 10, "data.episodes_per_epoch": 1000,
+                   "trainer.val_check_interval": 100},
+    "E2_lr": {"model.lr": 3e-5},
+    "E3_grad_clip": {"trainer.gradient_clip_val": 1.0},
+    "E4_lr_clip": {"model.lr": 3e-5, "trainer.gradient_clip_val": 1.0},
+    "E5_encoder_depth": {"model.encoder_num_layers": 4},
+    "E6_output_tokens": {"model.puzzle_emb_len": 32},
+    "E7_attention_pooling": {"model.encoder_pooling_method": "attention"},
+    "E8_set_layers": {"model.encoder_set_layers": 2},
+    "E9_layer_scale": {"model.encoder_layer_scale_init": 1e-4},
+    "E10_pre_norm": {"model.encoder_norm_style": "pre"},
+    "E11_encoder_lr_scale": {"model.encoder_lr_scale": 0.1},
+    "E_combined": {"model.lr": 3e-5, "trainer.gradient_clip_val": 1.0, "model.encoder_num_layers": 4,
+                   "model.encoder_pooling_method": "attention", "model.encoder_set_layers": 2,
+                   "model.encoder_layer_scale_init": 1e-4, "model.encoder_norm_style": "pre"},
+}
+
+
+def _flatten(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _resolved(capsys, *configs: str) -> dict:
+    args = ["fit"]
+    for c in configs:
+        args += ["--config", c]
+    with pytest.raises(SystemExit):
+        build_cli([*args, "--print_config"])
+    return _flatten(yaml.safe_load(capsys.readouterr().out))
+
+
+def test_every_row_has_a_config():
+    assert sorted(p.stem for p in EXP.glob("*.yaml")) == sorted(EXPECTED)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_experiment_changes_exactly_its_row(name, capsys):
+    base = _resolved(capsys, BASE)
+    exp = _resolved(capsys, BASE, str(EXP / f"{name}.yaml"))
+    changed = {k: v for k, v in exp.items() if base.get(k) != v and k != "trainer.logger.init_args.name"}
+    assert set(changed) == set(EXPECTED[name])
+    for key, value in EXPECTED[name].items():
+        assert changed[key] == pytest.approx(value), key
+    assert exp["trainer.logger.init_args.name"] == name
+    first_line = (EXP / f"{name}.yaml").read_text().splitlines()[0]
+    assert first_line.startswith("# E"), "each file opens with its hypothesis line"
