@@ -102,3 +102,18 @@ def test_unknown_config_key_is_one_error(tmp_path):
 def test_too_many_train_puzzles(tmp_path, synthetic_task_dir, synthetic_eval_dir):
     line = _one_line_error(_fit_on(synthetic_task_dir, synthetic_eval_dir, tmp_path, "--data.max_train_puzzles=500"))
     assert "500" in line and "12" in line
+
+
+def test_overfit_gate_exit_status_and_verdict_line(tmp_path, synthetic_task_dir, synthetic_eval_dir):
+    gate = "--trainer.callbacks+=callbacks.overfit_gate.OverfitGate"
+    failed = _fit_on(synthetic_task_dir, synthetic_eval_dir, tmp_path, "--trainer.max_steps=2", gate,
+                     "--trainer.callbacks.check_every_n_steps=1")
+    assert failed.returncode == 1, failed.stderr[-2000:]
+    last = failed.stderr.strip().splitlines()[-1]
+    assert last.startswith("overfit: FAIL exact=") and last.endswith("first_step_95=none budget=2")
+    passed = _fit_on(synthetic_task_dir, synthetic_eval_dir, tmp_path, "--trainer.max_steps=4", gate,
+                     "--trainer.callbacks.exact_threshold=0.0", "--trainer.callbacks.cell_threshold=0.0",
+                     "--trainer.callbacks.check_every_n_steps=2")
+    assert passed.returncode == 0, passed.stderr[-2000:]
+    assert passed.stdout.strip().splitlines()[-1].startswith("overfit: PASS exact=")
+    assert "first_step_95=2 budget=4" in passed.stdout  # stops at the first passing check

@@ -133,3 +133,25 @@ def test_validation_rollout_is_deterministic(synthetic_task_dir, synthetic_eval_
         a = model.rollout(batch)[0]
         b = model.rollout(batch)[0]
     assert torch.equal(a, b)
+
+
+def test_ema_weights_are_evaluated_and_checkpointed(synthetic_task_dir, synthetic_eval_dir, tmp_path):
+    cli = build_tiny(synthetic_task_dir, synthetic_eval_dir, tmp_path, "--trainer.max_steps=6",
+                     "--trainer.callbacks+=lightning.pytorch.callbacks.EMAWeightAveraging",
+                     "--trainer.callbacks.decay=0.9")
+    seen = {}
+
+    class WeightSpy(Callback):
+        def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+            seen["val"] = pl_module.trm.lm_head.weight.detach().clone()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen["train"] = pl_module.trm.lm_head.weight.detach().clone()
+
+    cli.trainer.callbacks.append(WeightSpy())
+    cli.trainer.fit(cli.model, cli.datamodule)
+    ckpt = torch.load(cli.trainer.checkpoint_callback.last_model_path, weights_only=False)
+    ema, live = ckpt["state_dict"]["trm.lm_head.weight"], ckpt["current_model_state"]["trm.lm_head.weight"]
+    assert not torch.equal(ema, live)  # the checkpoint keeps both: EMA as state_dict, live weights beside it
+    assert "averaging_state" in ckpt
+    assert not torch.equal(seen["val"], seen["train"])  # validation ran on the averaged weights
