@@ -1,5 +1,9 @@
 """Lightning callbacks of ``trm`` (a top-level package so configs can say ``callbacks.RunSummary``)."""
 
+from callbacks.collapse_alert import CollapseAlert, CollapseAlertError
+from callbacks.context_reliance import ContextReliance
+from callbacks.encoder_diagnostics import EncoderDiagnostics
+from callbacks.grad_norms import GradNorms
 from callbacks.run_summary import RunSummary
 
-__all__ = ["RunSummary"]
+__all__ = ["CollapseAlert", "CollapseAlertError", "ContextReliance", "EncoderDiagnostics", "GradNorms", "RunSummary"]

@@ -66,7 +66,8 @@ class OverfitGate(Callback):
         pl_module.train(was_training)
         step = trainer.global_step
         self.last = (step, exact / n, cell / n)
-        pl_module.log_dict({"overfit/exact_accuracy": exact / n, "overfit/cell_accuracy": cell / n})
+        if trainer.is_global_zero and trainer.logger is not None:  # every rank computed the same numbers
+            trainer.logger.log_metrics({"overfit/exact_accuracy": exact / n, "overfit/cell_accuracy": cell / n}, step)
         if self.first_pass_step is None and self._passes():
             self.first_pass_step = step
             if self.stop_on_pass:

@@ -21,7 +21,9 @@ LOSS_TYPES = ("stablemax", "softmax")
 def stablemax_log_probs(logits: Tensor) -> Tensor:
     """log of s(x_i) / sum_j s(x_j), with s(x) = x + 1 for x >= 0 and 1 / (1 - x) below; in float64."""
     x = logits.double()
-    s = torch.where(x >= 0, x + 1, 1 / (1 - x))
+    # each branch only ever sees inputs where it is finite: torch.where back-propagates 0 * d(branch), and a
+    # plain 1 / (1 - x) is infinite at x = 1, which turns that 0 into NaN and poisons every weight
+    s = torch.where(x >= 0, x.clamp_min(0) + 1, 1 / (1 - x.clamp_max(0)))
     return torch.log(s / s.sum(dim=-1, keepdim=True))
 
 

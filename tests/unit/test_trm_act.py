@@ -98,3 +98,11 @@ def test_act_loss_row_quantities():
     bce = torch.log(torch.tensor(2.0))  # BCE at logit 0 whatever the target
     assert torch.allclose(out.q_halt_loss, torch.stack([bce, bce]))
     assert torch.allclose(out.loss, (out.lm_loss + 0.5 * out.q_halt_loss).mean())
+
+
+def test_stablemax_gradient_is_finite_at_one():
+    # x = 1 exactly made the unselected branch 1/(1-x) infinite and its zero gradient NaN
+    logits = torch.tensor([[[1.0, 0.0, -1.0, 3.0]]], requires_grad=True)
+    out = act_loss(logits, torch.tensor([[2]]), torch.tensor([0.0]))
+    out.loss.backward()
+    assert torch.isfinite(logits.grad).all()

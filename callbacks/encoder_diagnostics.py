@@ -1,0 +1,283 @@
+"""EncoderDiagnostics: statistics of the demo encoder's context, over the global batch, to TensorBoard.
+
+The statistics are plain functions of tensors (:func:`batch_statistics`, :func:`probe_statistics`,
+:func:`drift_statistics`) so they can be tested without a Trainer; the callback gathers their inputs
+from every rank and logs the results. Definitions (``context`` is the detached ``(B, P, D)`` encoder
+output of the rows trained at this step, gathered over all ranks into ``N`` rows; ``p_b`` is row ``b``
+of the pooled matrix ``context.mean(dim=1)``, shape ``(N, D)``):
+
+The seed's three (scale-dependent; kept for comparison with the seed's dashboard):
+
+- ``encoder_cross_sample_var = mean_d Var_b(p_b[d])``: the biased variance across samples of the pooled
+  context, averaged over dimensions. (The seed took the same variance per token slot, before pooling.)
+- ``encoder_output_mean``: the mean of every value of ``context`` (all N*P*D).
+- ``encoder_output_std``: the (unbiased) standard deviation of every value of ``context``.
+
+Scale-invariant ones (multiplying the context by any c != 0 leaves them unchanged):
+
+- ``encoder_normalized_var = sum_d Var_b(p_b[d]) / mean_b ||p_b||^2``: the fraction of the pooled vectors'
+  energy that varies across samples, in [0, 1]. 0 = every row the same; near 1 = zero-mean, all variation.
+- ``encoder_l2n_std = sqrt(D) * mean_d Std_b(u_b[d])`` with ``u_b = p_b / ||p_b||`` (biased std): 0 when every
+  row points the same way, about 1 for directions spread uniformly over the sphere.
+- ``encoder_cross_task_cosine``: the mean cosine ``u_a . u_b`` over ordered pairs of rows of *different*
+  tasks (``task_index``); 1 = the encoder says the same thing for every task. Not logged when the global
+  batch holds one task.
+- ``encoder_effective_rank = exp(H(s / sum(s)))``, ``s`` the singular values of the centred pooled matrix
+  ``p - mean_b p_b`` and H the Shannon entropy; singular values below ``1e-6 x max_b ||p_b||`` count as
+  zero (float32 noise), and the rank is 0 when none is left (NaN for a non-finite context). Ranges from 0
+  (collapsed) to min(N - 1, D).
+
+Probe set (a fixed set of training tasks, each in two augmentations training never draws, from
+``datamodule.probe_batch``; encoded under ``no_grad`` in eval mode). Each probe row is its whole context
+flattened to ``P*D`` values, what the TRM reads; ``a_i``/``b_i`` are task i in view A/B:
+
+- ``probe_same_task_cosine``: mean over i of cos(a_i, b_i) (the same task under two augmentations);
+- ``probe_diff_task_cosine``: mean over i != j of cos(a_i, b_j);
+- ``probe_retrieval_acc``: fraction of i whose nearest view-B row (by cosine) is b_i, strictly (a tie
+  with another task counts as a miss, so a collapsed encoder scores 0, chance is 1/n);
+- ``probe_drift_cosine``: mean over rows of 1 - cos(current, previous check), over both views;
+- ``probe_drift_rel_l2 = ||current - previous||_F / ||previous||_F``. Both drift values start at the
+  second probe check.
+
+Also a histogram ``diagnostics/encoder_context`` of the context values (rank 0's rows only) to TensorBoard.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+
+PREFIX = "diagnostics/"
+RANK_RTOL = 1e-6  # singular values below this x the largest row norm are float32 noise
+
+
+# --------------------------------------------------------------------------------------- statistics
+def pool_context(context: Tensor) -> Tensor:
+    """(B, P, D) context -> (B, D) float64 mean over the P context tokens."""
+    return context.detach().double().mean(dim=1)
+
+
+def value_moments(context: Tensor) -> Tensor:
+    """(3,) float64: count, sum and sum of squares of every value of ``context`` (summable over ranks)."""
+    values = context.detach().double()
+    return torch.stack([torch.tensor(float(values.numel()), dtype=torch.float64, device=values.device),
+                        values.sum(), values.square().sum()])
+
+
+def _unit_rows(x: Tensor, eps: float = 1e-30) -> Tensor:
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(eps)
+
+
+def effective_rank(pooled: Tensor, rtol: float = RANK_RTOL) -> Tensor:
+    """exp(entropy) of the normalised singular values of the centred ``pooled`` (N, D); see module doc."""
+    pooled = pooled.double()
+    if not bool(torch.isfinite(pooled).all()):  # SVD cannot run; the non-finite alert reads the loss
+        return pooled.new_tensor(math.nan)
+    scale = pooled.norm(dim=-1).max() if pooled.numel() else pooled.new_zeros(())
+    s = torch.linalg.svdvals(pooled - pooled.mean(dim=0, keepdim=True))
+    s = s[s > rtol * scale]
+    if s.numel() == 0:
+        return pooled.new_zeros(())
+    p = s / s.sum()
+    return torch.exp(-(p * p.log()).sum())
+
+
+def batch_statistics(pooled: Tensor, task_index: Tensor, moments: Tensor) -> dict[str, Tensor]:
+    """Every batch diagnostic from the global pooled matrix (N, D), its task ids (N,) and the value moments.
+
+    Returns 0-d float64 tensors keyed by metric name (without the ``diagnostics/`` prefix).
+    """
+    pooled = pooled.double()
+    n_rows, dim = pooled.shape
+    count, total, total_sq = moments.double().unbind()
+    mean = total / count
+    var_all = (total_sq - count * mean.square()).clamp_min(0) / (count - 1).clamp_min(1)
+
+    centred = pooled - pooled.mean(dim=0, keepdim=True)
+    per_dim_var = centred.square().mean(dim=0)  # (D,) biased
+    mean_sq_norm = pooled.square().sum(dim=-1).mean()
+    unit = _unit_rows(pooled)
+    unit_std = (unit - unit.mean(dim=0, keepdim=True)).square().mean(dim=0).sqrt()  # (D,) biased
+
+    out = {
+        "encoder_cross_sample_var": per_dim_var.mean(),
+        "encoder_output_mean": mean,
+        "encoder_output_std": var_all.sqrt(),
+        "encoder_normalized_var": torch.where(  # 0 for an all-zero context; NaN stays NaN
+            mean_sq_norm == 0, torch.zeros_like(mean_sq_norm), per_dim_var.sum() / mean_sq_norm
+        ),
+        "encoder_l2n_std": unit_std.mean() * math.sqrt(dim),
+        "encoder_effective_rank": effective_rank(pooled),
+    }
+    different = task_index.view(-1, 1) != task_index.view(1, -1)  # (N, N)
+    if bool(different.any()):
+        cosine = unit @ unit.T
+        out["encoder_cross_task_cosine"] = cosine[different].mean()
+    return out
+
+
+def probe_statistics(view_a: Tensor, view_b: Tensor) -> dict[str, Tensor]:
+    """Task specificity on the probe set: ``view_a``/``view_b`` (n, F), row i = task i in each view."""
+    a, b = _unit_rows(view_a.double().flatten(1)), _unit_rows(view_b.double().flatten(1))
+    cosine = a @ b.T  # (n, n): [i, j] = cos(a_i, b_j)
+    n = cosine.shape[0]
+    same = cosine.diagonal()
+    off = ~torch.eye(n, dtype=torch.bool, device=cosine.device)
+    out = {"probe_same_task_cosine": same.mean()}
+    if n > 1:
+        best_other = cosine.masked_fill(~off, -math.inf).max(dim=1).values
+        out["probe_diff_task_cosine"] = cosine[off].mean()
+        out["probe_retrieval_acc"] = (same > best_other).double().mean()
+    return out
+
+
+def drift_statistics(current: Tensor, previous: Tensor) -> dict[str, Tensor]:
+    """How far the probe encodings moved since the previous check: rows (n, F) in the same order."""
+    cur, prev = current.double().flatten(1), previous.double().flatten(1)
+    cos = (_unit_rows(cur) * _unit_rows(prev)).sum(dim=-1)
+    return {
+        "probe_drift_cosine": (1 - cos).mean(),
+        "probe_drift_rel_l2": (cur - prev).norm() / prev.norm().clamp_min(1e-300),
+    }
+
+
+def encoder_statistics(context: Tensor, task_index: Tensor) -> dict[str, Tensor]:
+    """:func:`batch_statistics` of one (B, P, D) context on one process (tests, notebooks)."""
+    return batch_statistics(pool_context(context), task_index, value_moments(context))
+
+
+# ----------------------------------------------------------------------------------------- callback
+def due(trainer: Trainer, every_n_steps: int) -> bool:
+    """True in ``on_train_batch_end`` after optimizer step k when k is a multiple of ``every_n_steps``.
+
+    k is ``trainer.global_step`` (already incremented there); with gradient accumulation only the
+    micro-batch that steps counts. With ``every_n_steps`` a multiple of ``trainer.log_every_n_steps``
+    every check lands on a step the logger writes.
+    """
+    if every_n_steps <= 0 or trainer.fit_loop.epoch_loop._should_accumulate():
+        return False
+    return trainer.global_step > 0 and trainer.global_step % every_n_steps == 0
+
+
+def tensorboard_writers(trainer: Trainer) -> list:
+    """The SummaryWriters of the trainer's TensorBoard loggers (call on rank 0 only)."""
+    return [lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+
+
+class EncoderDiagnostics(Callback):
+    """Logs ``diagnostics/*`` statistics of the encoder context every ``every_n_steps`` optimizer steps.
+
+    Every rank computes the same numbers from the global batch (the pooled context and the value
+    moments are all-gathered), and logs them with ``on_step=True``. Definitions: see the module docstring
+    and ``docs/diagnostics.md``. The training step must return ``context`` (B, P, D) and ``task_index`` (B,).
+
+    Args:
+        every_n_steps: optimizer steps between batch statistics; None uses ``trainer.log_every_n_steps``.
+            Choose a multiple of ``log_every_n_steps`` so that every check is written.
+        probe_every_n_steps: steps between probe-set checks (task specificity and drift); None uses
+            ``every_n_steps``; 0 turns the probe off.
+        probe_tasks: training tasks in the probe set (each in two augmentations never used in training).
+        histogram_every_n_steps: steps between histograms of the context values; None uses the probe
+            interval (or ``every_n_steps`` when the probe is off); 0 turns them off.
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int | None = None,
+        probe_every_n_steps: int | None = None,
+        probe_tasks: int = 16,
+        histogram_every_n_steps: int | None = None,
+    ) -> None:
+        for name, value in [("every_n_steps", every_n_steps), ("probe_every_n_steps", probe_every_n_steps),
+                            ("histogram_every_n_steps", histogram_every_n_steps)]:
+            if value is not None and value < 0:
+                raise ValueError(f"{name} must be >= 0 or None, got {value}")
+        if probe_tasks < 2:
+            raise ValueError(f"probe_tasks must be >= 2 (retrieval needs other tasks), got {probe_tasks}")
+        self.every_n_steps = every_n_steps
+        self.probe_every_n_steps = probe_every_n_steps
+        self.probe_tasks = probe_tasks
+        self.histogram_every_n_steps = histogram_every_n_steps
+        self._probe_batch: dict[str, Tensor] | None = None
+        self._previous_probe: Tensor | None = None
+        # step of the latest check of each kind (CollapseAlert reads each result once)
+        self.last_step = -1
+        self.last_probe_step = -1
+
+    # ---------------------------------------------------------------------------------- intervals
+    def _intervals(self, trainer: Trainer) -> tuple[int, int, int]:
+        every = self.every_n_steps if self.every_n_steps is not None else max(int(trainer.log_every_n_steps), 1)
+        probe = self.probe_every_n_steps if self.probe_every_n_steps is not None else every
+        hist = self.histogram_every_n_steps
+        if hist is None:
+            hist = probe if probe > 0 else every
+        return every, probe, hist
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._probe_batch = None
+        self._previous_probe = None
+        _, probe, _ = self._intervals(trainer)
+        datamodule = getattr(trainer, "datamodule", None)
+        if probe > 0:
+            if datamodule is None or not hasattr(datamodule, "probe_batch"):
+                rank_zero_warn("EncoderDiagnostics: no datamodule with probe_batch(); the probe set is off")
+            else:
+                self._probe_batch = datamodule.probe_batch(self.probe_tasks, views=2)
+
+    # ---------------------------------------------------------------------------------- hooks
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
+        every, probe, hist = self._intervals(trainer)
+        if not isinstance(outputs, dict) or "context" not in outputs:
+            return
+        step = trainer.global_step
+        if due(trainer, every):
+            stats = self._batch_check(trainer, pl_module, outputs["context"], outputs["task_index"])
+            self._log(pl_module, stats)
+            self.last_step = step
+        if self._probe_batch is not None and due(trainer, probe):
+            stats = self._probe_check(trainer, pl_module)
+            self._log(pl_module, stats)
+            self.last_probe_step = step
+        if due(trainer, hist) and trainer.is_global_zero:  # no collective below
+            values = outputs["context"].detach().float().flatten().cpu()
+            for writer in tensorboard_writers(trainer):
+                writer.add_histogram(PREFIX + "encoder_context", values, global_step=step)
+
+    @staticmethod
+    def _log(pl_module: LightningModule, stats: dict[str, Tensor]) -> None:
+        for name, value in stats.items():
+            pl_module.log(PREFIX + name, value.float(), on_step=True, on_epoch=False, batch_size=1)
+
+    @staticmethod
+    def _batch_check(trainer: Trainer, pl_module: LightningModule, context: Tensor, task_index: Tensor):
+        pooled = pool_context(context)  # (B, D)
+        moments = value_moments(context)
+        tasks = task_index.detach().long()
+        if trainer.world_size > 1:  # every rank gathers, every rank computes the same numbers
+            pooled = pl_module.all_gather(pooled).reshape(-1, pooled.shape[-1])
+            tasks = pl_module.all_gather(tasks).reshape(-1)
+            moments = pl_module.all_gather(moments).reshape(-1, 3).sum(dim=0)
+        return batch_statistics(pooled, tasks, moments)
+
+    def _probe_check(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Tensor]:
+        """Encode the probe set (identical on every rank: same parameters, same batch; no collective)."""
+        batch = {k: v.to(pl_module.device) for k, v in self._probe_batch.items()}
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            with torch.no_grad(), trainer.precision_plugin.forward_context():
+                context = pl_module.encode(batch)
+        finally:
+            pl_module.train(was_training)
+        rows = context.detach().double().flatten(1)  # (2n, P*D)
+        n = rows.shape[0] // 2
+        stats = probe_statistics(rows[:n], rows[n:])
+        if self._previous_probe is not None:
+            stats.update(drift_statistics(rows, self._previous_probe))
+        self._previous_probe = rows
+        return stats

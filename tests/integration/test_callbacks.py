@@ -1,0 +1,225 @@
+"""The diagnostics callbacks in real tiny fits: values read back from TensorBoard, alerts that fire (and don't)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from lightning.pytorch import Callback
+
+from callbacks import CollapseAlert, CollapseAlertError, ContextReliance, EncoderDiagnostics, GradNorms
+from callbacks.encoder_diagnostics import encoder_statistics
+from tests.integration.helpers import build_tiny
+
+NO_VAL = ("--trainer.limit_val_batches=0",)
+SCALE_INVARIANT = ["encoder_normalized_var", "encoder_l2n_std", "encoder_cross_task_cosine", "encoder_effective_rank",
+                   "probe_same_task_cosine", "probe_diff_task_cosine", "probe_retrieval_acc"]
+RAW = ["encoder_cross_sample_var", "encoder_output_mean", "encoder_output_std"]
+
+
+def _fit(dirs, tmp_path, callbacks, *args, encode=None, max_steps=4):
+    """A tiny fit with ``callbacks`` appended; ``encode(real_context, trainer) -> context`` replaces the encoder's."""
+    train_dir, eval_dir = dirs
+    cli = build_tiny(train_dir, eval_dir, tmp_path, f"--trainer.max_steps={max_steps}", *args)
+    cli.trainer.callbacks.extend(callbacks)
+    if encode is not None:
+        real = cli.model.encode
+        cli.model.encode = lambda data: encode(real(data), cli.trainer)
+    cli.trainer.fit(cli.model, cli.datamodule)
+    return cli
+
+
+def _scalars(log_dir) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "histograms": 0, "tensors": 0})
+    ea.Reload()
+    out = {tag: [(e.step, e.value) for e in ea.Scalars(tag)] for tag in ea.Tags()["scalars"]}
+    out["_histograms"] = ea.Tags()["histograms"]
+    out["_text"] = ea.Tags()["tensors"]
+    return out
+
+
+def _alerts(log_dir) -> list[dict]:
+    path = os.path.join(log_dir, "alerts.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def _all_raise(**kwargs) -> CollapseAlert:
+    """Default thresholds, every rule set to raise: a fit that finishes fired nothing."""
+    actions = {f"{r}_action": "raise" for r in ("collapse", "drift", "accuracy", "q_halt", "nonfinite")}
+    return CollapseAlert(**{**actions, **kwargs})
+
+
+class ContextSpy(Callback):
+    def __init__(self):
+        self.seen = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.seen.append((outputs["context"].clone(), outputs["task_index"].clone()))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP's waiting threads
+    make each fit here ~10x slower (measured: 61 s vs 4 s for this file)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def dirs(synthetic_task_dir, synthetic_eval_dir):
+    return synthetic_task_dir, synthetic_eval_dir
+
+
+def _constant(context, trainer):
+    pattern = torch.linspace(-1, 1, context.shape[-1]).expand_as(context)
+    return pattern + 0 * context  # every row the same, the graph still reaches the encoder
+
+
+# ------------------------------------------------------------------------------ values in TensorBoard
+def test_random_encoder_logs_every_metric_and_fires_nothing(dirs, tmp_path):
+    spy = ContextSpy()
+    callbacks = [EncoderDiagnostics(every_n_steps=1, probe_every_n_steps=2, probe_tasks=6), GradNorms(), spy,
+                 _all_raise()]
+    cli = _fit(dirs, tmp_path, callbacks, *NO_VAL, "--trainer.gradient_clip_val=0.5")
+    log_dir = cli.trainer.log_dir
+    tb = _scalars(log_dir)
+    assert cli.trainer.global_step == 4 and _alerts(log_dir) == []
+    # the batch statistics written at each step are those of that step's context
+    for i, (context, tasks) in enumerate(spy.seen):
+        expected = encoder_statistics(context, tasks)
+        for key, value in expected.items():
+            written = dict(tb[f"diagnostics/{key}"])[i]
+            assert written == pytest.approx(value.item(), rel=1e-5, abs=1e-6), (i, key)
+    probe = dict(tb["diagnostics/probe_retrieval_acc"])
+    assert sorted(probe) == [1, 3]  # probe at steps 2 and 4 (TensorBoard step = optimizer step - 1)
+    assert sorted(dict(tb["diagnostics/probe_drift_cosine"])) == [3]  # drift needs a previous check
+    assert 0 < dict(tb["diagnostics/probe_drift_rel_l2"])[3] < 1
+    for tag in ["grad/encoder_norm", "grad/trm_core_norm", "grad/heads_norm", "grad/total_norm", "grad/clip_ratio",
+                "update_ratio/encoder", "update_ratio/trm_core", "update_ratio/heads"]:
+        assert len(tb[tag]) == 4, tag
+    for (_, total), (_, ratio) in zip(tb["grad/total_norm"], tb["grad/clip_ratio"]):
+        assert ratio == pytest.approx(min(1.0, 0.5 / total), rel=1e-4)
+    parts = [dict(tb[f"grad/{g}_norm"])[0] for g in ("encoder", "trm_core", "heads")]
+    assert sum(p * p for p in parts) == pytest.approx(dict(tb["grad/total_norm"])[0] ** 2, rel=1e-4)
+    ratios = [v for _, v in tb["update_ratio/encoder"]]
+    assert ratios[0] == 0.0 and all(0 < v < 0.5 for v in ratios[1:])  # warmup: lr 0 at the first step
+    assert "diagnostics/encoder_context" in tb["_histograms"]
+
+
+def test_encoder_output_x100_changes_only_the_raw_metrics(dirs, tmp_path):
+    logs = {}
+    for scale in (1.0, 100.0):
+        cli = _fit(dirs, tmp_path / str(scale), [EncoderDiagnostics(every_n_steps=1, probe_tasks=6)], *NO_VAL,
+                   encode=lambda c, trainer, s=scale: c * s, max_steps=1)
+        tb = _scalars(cli.trainer.log_dir)
+        logs[scale] = {k.split("/")[1]: v[0][1] for k, v in tb.items() if k.startswith("diagnostics/")}
+    plain, scaled = logs[1.0], logs[100.0]
+    for key in SCALE_INVARIANT:
+        assert scaled[key] == pytest.approx(plain[key], rel=1e-4, abs=1e-6), key
+    assert scaled["encoder_cross_sample_var"] == pytest.approx(plain["encoder_cross_sample_var"] * 1e4, rel=1e-3)
+    assert scaled["encoder_output_std"] == pytest.approx(plain["encoder_output_std"] * 100, rel=1e-3)
+    assert scaled["encoder_output_mean"] == pytest.approx(plain["encoder_output_mean"] * 100, rel=1e-3)
+
+
+# ------------------------------------------------------------------------------ alerts
+@pytest.mark.parametrize("action", ["warn", "stop", "raise"])
+def test_constant_encoder_fires_representation_collapse(dirs, tmp_path, action):
+    alert = CollapseAlert(collapse_patience=2, collapse_action=action)
+    callbacks = [EncoderDiagnostics(every_n_steps=1, probe_tasks=6), alert]
+    if action == "raise":
+        with pytest.raises(CollapseAlertError, match="representation_collapse"):
+            _fit(dirs, tmp_path, callbacks, *NO_VAL, encode=_constant)
+        log_dir = next(p for p in (tmp_path / "trm").iterdir())
+    else:
+        with pytest.warns(UserWarning, match=r"representation_collapse\] at step 2"):
+            cli = _fit(dirs, tmp_path, callbacks, *NO_VAL, encode=_constant)
+        log_dir = cli.trainer.log_dir
+        assert cli.trainer.global_step == (4 if action == "warn" else 2)
+        assert cli.trainer.should_stop == (action == "stop")
+    records = _alerts(log_dir)
+    assert [r["rule"] for r in records] == ["representation_collapse"]
+    record = records[0]
+    assert record["step"] == 2 and record["action"] == action and record["patience"] == 2
+    assert record["values"]["diagnostics/encoder_normalized_var"] == pytest.approx(0.0, abs=1e-6)
+    assert record["values"]["diagnostics/encoder_cross_task_cosine"] == pytest.approx(1.0, abs=1e-6)
+    assert record["thresholds"] == {"min_normalized_var": 0.01, "max_cross_task_cosine": 0.99}
+    ckpt = os.path.join(log_dir, "checkpoints", "alert-step2.ckpt")
+    if action == "warn":
+        assert not os.path.exists(ckpt)
+        assert "alerts/representation_collapse/text_summary" in _scalars(log_dir)["_text"]
+    else:
+        assert torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"] == 2
+
+
+def test_slowly_drifting_encoder_fires_drift(dirs, tmp_path):
+    def drifting(context, trainer):  # the frozen encoder's output plus a direction that grows with the step
+        direction = torch.linspace(1, -1, context.shape[-1]).expand_as(context)
+        return context + 0.2 * trainer.global_step * direction
+
+    def run(name, encode):
+        alert = CollapseAlert(max_probe_drift_cosine=None, max_probe_drift_rel_l2=0.05, drift_patience=2,
+                              drift_action="stop",
+                              min_normalized_var=None, max_cross_task_cosine=None)
+        cli = _fit(dirs, tmp_path / name, [EncoderDiagnostics(every_n_steps=1, probe_tasks=6), alert], *NO_VAL,
+                   "--model.encoder_lr_scale=0", encode=encode, max_steps=5)
+        return cli, _alerts(cli.trainer.log_dir)
+
+    cli, records = run("drifting", drifting)
+    assert [r["rule"] for r in records] == ["drift"] and records[0]["step"] == 3  # drift at checks 2 and 3
+    assert cli.trainer.global_step == 3
+    drift = records[0]["values"]["diagnostics/probe_drift_rel_l2"]
+    assert 0.05 < drift < 0.2  # slow: a small change per check
+    _, still = run("frozen", None)
+    assert still == []
+
+
+def test_nan_loss_fires_nonfinite_and_stops(dirs, tmp_path):
+    train_dir, eval_dir = dirs
+    cli = build_tiny(train_dir, eval_dir, tmp_path, "--trainer.max_steps=6", *NO_VAL)
+    step = cli.model.training_step
+
+    def poisoned(batch, batch_idx):
+        out = step(batch, batch_idx)
+        if cli.trainer.global_step == 2:  # the third optimizer step
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    cli.model.training_step = poisoned
+    cli.trainer.callbacks.append(CollapseAlert(check_every_n_steps=2))
+    cli.trainer.fit(cli.model, cli.datamodule)
+    records = _alerts(cli.trainer.log_dir)
+    assert [r["rule"] for r in records] == ["nonfinite"]
+    assert records[0]["step"] == 4  # the first check after the NaN step
+    assert records[0]["values"] == {"nonfinite_loss_ranks": 1.0, "nonfinite_grad_ranks": 1.0}
+    assert cli.trainer.global_step == 4
+    assert os.path.exists(os.path.join(cli.trainer.log_dir, "checkpoints", "alert-step4.ckpt"))
+
+
+# ------------------------------------------------------------------------------ context reliance
+def test_context_reliance(dirs, tmp_path):
+    zero = _fit(dirs, tmp_path / "zero", [ContextReliance()], encode=lambda c, t: 0 * c, max_steps=2)
+    metrics = zero.trainer.callback_metrics
+    for key in ["val/reliance_drop_shuffled", "val/reliance_drop_zero", "val/reliance_drop_shuffled_cell",
+                "val/reliance_drop_zero_cell"]:
+        assert metrics[key].item() == 0.0, key
+    tb = _scalars(zero.trainer.log_dir)
+    assert tb["val/reliance_drop_zero_cell"] == [(1, 0.0)]
+
+    real = _fit(dirs, tmp_path / "real", [ContextReliance()], max_steps=2)
+    m = real.trainer.callback_metrics
+    # the real numbers the drops start from are the module's own val metrics
+    assert (m["val/accuracy_zero_context"] + m["val/reliance_drop_zero_cell"]).item() == pytest.approx(
+        m["val/accuracy"].item(), abs=1e-6)
+    assert (m["val/exact_accuracy_zero_context"] + m["val/reliance_drop_zero"]).item() == pytest.approx(
+        m["val/exact_accuracy"].item(), abs=1e-6)
+    # this TRM does read its context: the ablations change some cells
+    assert m["val/reliance_drop_zero_cell"].item() != 0.0 or m["val/reliance_drop_shuffled_cell"].item() != 0.0
