@@ -4,6 +4,8 @@ from callbacks.collapse_alert import CollapseAlert, CollapseAlertError
 from callbacks.context_reliance import ContextReliance
 from callbacks.encoder_diagnostics import EncoderDiagnostics
 from callbacks.grad_norms import GradNorms
+from callbacks.grid_images import GridImages
 from callbacks.run_summary import RunSummary
 
-__all__ = ["CollapseAlert", "CollapseAlertError", "ContextReliance", "EncoderDiagnostics", "GradNorms", "RunSummary"]
+__all__ = ["CollapseAlert", "CollapseAlertError", "ContextReliance", "EncoderDiagnostics", "GradNorms", "RunSummary",
+           "GridImages"]

@@ -43,3 +43,23 @@ def test_two_process_ddp_matches_one_process(tmp_path, synthetic_task_dir, synth
         assert a == pytest.approx(b, abs=1e-5), tag
     assert _scalars(one, "val/exact_accuracy") == pytest.approx(_scalars(two, "val/exact_accuracy"), abs=1e-6)
     assert _scalars(one, "val/count") == _scalars(two, "val/count")
+
+
+def _test(out_dir, train_dir, eval_dir, ckpt, *extra: str) -> list[str]:
+    args = tiny_args(train_dir, eval_dir, out_dir, f"--ckpt_path={ckpt}", "--data.test_augmentations=3",
+                     "--trainer.logger.init_args.name=test", *extra)
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "trm_lightning", "test", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [line for line in proc.stdout.splitlines() if line.startswith("ARC/pass@")]
+
+
+def test_two_process_trm_test_gives_the_same_counts(tmp_path, synthetic_task_dir, synthetic_eval_dir):
+    run = _run(tmp_path / "fit", synthetic_task_dir, synthetic_eval_dir)
+    ckpt = os.path.join(run, "checkpoints", "last.ckpt")
+    one = _test(tmp_path / "one", synthetic_task_dir, synthetic_eval_dir, ckpt)
+    two = _test(tmp_path / "two", synthetic_task_dir, synthetic_eval_dir, ckpt,
+                "--config", str(ROOT / "configs/trainer/ddp_sim.yaml"))
+    assert len(one) == 4 and one == two
+    assert all("/6 tasks" in line for line in one)  # the denominator is the 6 tasks evaluated

@@ -67,3 +67,31 @@ def test_experiment_changes_exactly_its_row(name, capsys):
     assert exp["trainer.logger.init_args.name"] == name
     first_line = (EXP / f"{name}.yaml").read_text().splitlines()[0]
     assert first_line.startswith("# E"), "each file opens with its hypothesis line"
+
+
+TINY_OVERRIDES = [
+    "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.precision=32-true", "--trainer.fast_dev_run=2",
+    "--model.hidden_size=32", "--model.num_heads=4", "--data.canvas_size=6", "--data.max_demos=4",
+    "--data.num_workers=0", "--data.eval_batch_size=8", "--data.val_seen_puzzles=2", "--progress_bar.refresh_rate=0",
+    "--trainer.enable_model_summary=false",
+]
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_experiment_runs_two_steps(name, tmp_path, synthetic_task_dir, synthetic_eval_dir):
+    """Each overlay trains 2 steps (fast_dev_run) with tiny sizes; its own changes stay in force."""
+    gb = [] if name == "E1_overfit" else ["--data.global_batch_size=4", "--data.episodes_per_epoch=8"]
+    cli = build_cli([
+        "fit", "--config", BASE, "--config", str(EXP / f"{name}.yaml"), *TINY_OVERRIDES, *gb,
+        f"--data.train_source={synthetic_task_dir}", f"--data.eval_source={synthetic_eval_dir}",
+        f"--trainer.logger.init_args.save_dir={tmp_path}",
+    ])
+    assert cli.trainer.global_step == 2
+    for key, value in EXPECTED[name].items():
+        section, attr = key.split(".", 1)
+        if section == "model":
+            assert cli.model.hparams[attr] == pytest.approx(value), key
+        elif section == "data" and attr != "episodes_per_epoch":
+            assert getattr(cli.datamodule, attr) == value, key
+        elif key == "trainer.gradient_clip_val":
+            assert cli.trainer.gradient_clip_val == value
