@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_only
 
 
 class RunSummary(Callback):
@@ -27,12 +26,16 @@ class RunSummary(Callback):
         value = trainer.callback_metrics.get(key)
         return "n/a" if value is None else f"{float(value):.4f}"
 
-    @rank_zero_only
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         seconds = time.perf_counter() - (self._start or time.perf_counter())
+        log_dir = trainer.log_dir  # a broadcast under DDP: every rank reads it, rank 0 prints
+        if trainer.is_global_zero:
+            self._print(trainer, seconds, log_dir)
+
+    def _print(self, trainer: Trainer, seconds: float, log_dir: str | None) -> None:
         print(
             f"{self.label}: {trainer.global_step} steps in {seconds:.1f} s, "
             f"train exact {self._metric(trainer, 'train/exact_accuracy')}, "
-            f"val exact {self._metric(trainer, 'val/exact_accuracy')}, logs in {trainer.log_dir}",
+            f"val exact {self._metric(trainer, 'val/exact_accuracy')}, logs in {log_dir}",
             flush=True,
         )

@@ -221,9 +221,10 @@ class TRMLitModule(LightningModule):
         evaluator, self._evaluator = self._evaluator, None
         evaluator.gather(self.trainer.strategy)  # every rank: one all_gather of the votes
         results = evaluator.results()
+        out_dir = self.trainer.log_dir or "."  # a broadcast under DDP: every rank, never under is_global_zero
         self.log_dict({f"ARC/pass@{k}": torch.tensor(r.percent) for k, r in results.items()}, on_epoch=True)
         if self.trainer.is_global_zero:
-            paths = evaluator.write(self.trainer.log_dir or ".")
+            paths = evaluator.write(out_dir)
             for r in results.values():
                 print(r, flush=True)
             print(f"votes from {len(evaluator)} rows; wrote {paths['submission']} and {paths['details']}", flush=True)

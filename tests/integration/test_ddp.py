@@ -25,12 +25,14 @@ def _run(out_dir, train_dir, eval_dir, *extra: str) -> str:
     args = tiny_args(
         train_dir, eval_dir, out_dir, "--trainer.max_steps=10", "--trainer.log_every_n_steps=1",
         "--trainer.val_check_interval=10", "--model.halt_exploration_prob=0.0", "--data.episodes_per_epoch=40",
-        "--trainer.logger.init_args.name=run", *extra,
+        "--trainer.logger.init_args.name=run", "--trainer.callbacks+=callbacks.RunSummary", *extra,
     )
     env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "trm_lightning", "fit", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # the summary reads trainer.log_dir (a collective under DDP) on every rank and prints once
+    assert [line for line in proc.stdout.splitlines() if line.startswith("fit: 10 steps")], proc.stdout[-2000:]
     return os.path.join(out_dir, "run", "version_0")
 
 
