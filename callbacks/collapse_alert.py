@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Literal
@@ -68,7 +69,7 @@ class Alert:
 
 
 # -------------------------------------------------------------------------------------------- rules
-class Rule:
+class Rule(ABC):
     """A condition checked on fresh values; fires after ``patience`` consecutive true checks.
 
     Subclasses define ``keys`` (the metric names they read) and :meth:`condition`. :meth:`update` returns an
@@ -88,14 +89,17 @@ class Rule:
         self.action = action
         self.streak = 0
 
+    @abstractmethod
     def thresholds(self) -> dict[str, float | None]:
-        raise NotImplementedError
+        """The limits this rule compares against, as written in the alert record."""
 
+    @abstractmethod
     def condition(self, values: Mapping[str, float]) -> bool:
-        raise NotImplementedError
+        """True when ``values`` break the rule at this check."""
 
+    @abstractmethod
     def describe(self, values: Mapping[str, float]) -> str:
-        raise NotImplementedError
+        """What happened, in one line, for the warning and the record."""
 
     def update(self, values: Mapping[str, float], step: int = 0) -> Alert | None:
         seen = {k: float(values[k]) for k in self.keys if k in values}
