@@ -32,3 +32,15 @@ def synthetic_task_dir(tmp_path_factory, synthetic_train_tasks):
 def synthetic_eval_dir(tmp_path_factory, synthetic_eval_tasks):
     """A directory of one ARC JSON file per task, holding :func:`synthetic_eval_tasks`."""
     return write_task_dir(synthetic_eval_tasks, tmp_path_factory.mktemp("synthetic_eval"))
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test: tiny models gain nothing from more, and a busy 2-core machine runs them
+    much faster on one (the DDP ranks these tests start use OMP_NUM_THREADS=1 likewise)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

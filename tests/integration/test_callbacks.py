@@ -13,6 +13,8 @@ from callbacks import CollapseAlert, CollapseAlertError, ContextReliance, Encode
 from callbacks.encoder_diagnostics import encoder_statistics
 from tests.integration.helpers import build_tiny
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 NO_VAL = ("--trainer.limit_val_batches=0",)
 SCALE_INVARIANT = ["encoder_normalized_var", "encoder_l2n_std", "encoder_cross_task_cosine", "encoder_effective_rank",
                    "probe_same_task_cosine", "probe_diff_task_cosine", "probe_retrieval_acc"]
@@ -64,14 +66,6 @@ class ContextSpy(Callback):
         self.seen.append((outputs["context"].clone(), outputs["task_index"].clone()))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP's waiting threads
-    make each fit here ~10x slower (measured: 61 s vs 4 s for this file)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture

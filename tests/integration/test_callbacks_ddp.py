@@ -19,7 +19,7 @@ from lightning.pytorch import Callback
 
 from tests.integration.helpers import ROOT, run_tiny, tiny_args
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 TRM = str(Path(sys.executable).parent / "trm")
 TIMEOUT = 420  # a hang (one rank waiting in a collective for the other) ends here instead of forever
@@ -77,13 +77,6 @@ def _trm_fit(train_dir, eval_dir, out, *args) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """As the ranks (OMP_NUM_THREADS=1): a busy 2-core machine runs tiny models much faster on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _scalars(log_dir) -> dict[str, dict[int, float]]:

@@ -17,14 +17,9 @@ from trm_lightning.data.episodes import EpisodeDataset, EpisodeKey
 from trm_lightning.data.tokenize import IGNORE_LABEL, grid_to_canvas
 from tests.integration.helpers import run_tiny
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads (see test_callbacks.py)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+
 
 
 def _mask(image: np.ndarray, colour) -> np.ndarray:
