@@ -46,7 +46,13 @@ class OverfitGate(Callback):
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         dm = trainer.datamodule
-        episodes = EpisodeDataset(dm.train_tasks, dm.canvas_size, dm.max_demos, seed=dm.seed)
+        episodes = EpisodeDataset(
+            dm.train_tasks,
+            dm.canvas_size,
+            dm.max_demos,
+            seed=dm.seed,
+            puzzle_id_augmentations=dm.num_train_augmentations,  # the puzzle-id baseline's trained rows
+        )
         queries = KeyedEpisodes(episodes, eval_keys(dm.train_tasks, [0]))
         self._loader = DataLoader(queries, batch_size=64, shuffle=False)
         rank_zero_info(f"overfit gate: {len(queries)} queries of {len(dm.train_tasks)} training puzzles")

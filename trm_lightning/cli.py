@@ -26,6 +26,8 @@ DEFAULT_LOGGER = {
 class TRMCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.canvas_size", "model.canvas_size")
+        # the puzzle-id table's size depends on the tasks loaded: known once the datamodule exists
+        parser.link_arguments("data.num_puzzle_ids", "model.num_puzzle_ids", apply_on="instantiate")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults(
             {

@@ -24,6 +24,7 @@ from trm_lightning.data.tokenize import VOCAB_SIZE
 from trm_lightning.evaluation import ARCVoteEvaluator
 from trm_lightning.losses import act_loss
 from trm_lightning.metrics import ACTMetrics
+from trm_lightning.models.conditioning import PuzzleEmbedding
 from trm_lightning.models.encoder import StandardDemoEncoder
 from trm_lightning.models.trm import ACTCarry, TinyRecursiveModel
 from trm_lightning.optim import named_param_groups, warmup_cosine
@@ -59,6 +60,12 @@ class TRMLitModule(LightningModule):
         beta2: AdamW beta2.
         lr_warmup_steps: linear warmup steps from 0.
         lr_min_ratio: cosine floor as a fraction of lr at the last step; 1.0 = constant after warmup.
+        conditioning: what fills the TRM prefix: ``encoder`` (the demo encoder) or ``puzzle_emb`` (the
+            original TRM: a learned vector per puzzle id, no demos read; pair it with
+            ``data.train_on_eval_demos`` for TRM's protocol, configs/arc1/puzzle_emb_trm.yaml).
+        num_puzzle_ids: rows of the puzzle-id table (linked from ``data.num_puzzle_ids``).
+        puzzle_emb_lr: SignSGD learning rate of the puzzle table (TRM ARC: 1e-2), same warmup/cosine shape.
+        puzzle_emb_weight_decay: decoupled weight decay of the touched table rows (TRM ARC: 0.1).
     """
 
     def __init__(
@@ -87,22 +94,25 @@ class TRMLitModule(LightningModule):
         beta2: float = 0.95,
         lr_warmup_steps: int = 2000,
         lr_min_ratio: float = 1.0,
+        conditioning: Literal["encoder", "puzzle_emb"] = "encoder",
+        num_puzzle_ids: int = 1,
+        puzzle_emb_lr: float = 1e-2,
+        puzzle_emb_weight_decay: float = 0.1,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.encoder = StandardDemoEncoder(
-            hidden_size=hidden_size,
-            num_heads=num_heads,
-            num_layers=encoder_num_layers,
-            output_tokens=puzzle_emb_len,
-            pooling=encoder_pooling_method,
-            set_layers=encoder_set_layers,
-            layer_scale_init=encoder_layer_scale_init,
-            norm_style=encoder_norm_style,
-            canvas_size=canvas_size,
-            vocab_size=VOCAB_SIZE,
-            expansion=expansion,
-        )
+        self.encoder: StandardDemoEncoder | None = None
+        self.puzzle_emb: PuzzleEmbedding | None = None
+        if conditioning == "puzzle_emb":
+            self.puzzle_emb = PuzzleEmbedding(num_puzzle_ids, hidden_size, puzzle_emb_len)
+            # every rank applies the same sign update: DDP must not broadcast the (large) table each step
+            torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+                self, ["puzzle_emb.weights"]
+            )
+        elif conditioning == "encoder":
+            self.encoder = self._build_encoder()
+        else:
+            raise ValueError(f"conditioning must be 'encoder' or 'puzzle_emb', got {conditioning!r}")
         self.trm = TinyRecursiveModel(
             vocab_size=VOCAB_SIZE,
             seq_len=canvas_size * canvas_size,
@@ -122,9 +132,28 @@ class TRMLitModule(LightningModule):
         self._carry: ACTCarry | None = None  # plain attribute: never a buffer, never averaged by EMA
         self._evaluator: ARCVoteEvaluator | None = None
 
+    def _build_encoder(self) -> StandardDemoEncoder:
+        hp = self.hparams
+        return StandardDemoEncoder(
+            hidden_size=hp.hidden_size,
+            num_heads=hp.num_heads,
+            num_layers=hp.encoder_num_layers,
+            output_tokens=hp.puzzle_emb_len,
+            pooling=hp.encoder_pooling_method,
+            set_layers=hp.encoder_set_layers,
+            layer_scale_init=hp.encoder_layer_scale_init,
+            norm_style=hp.encoder_norm_style,
+            canvas_size=hp.canvas_size,
+            vocab_size=VOCAB_SIZE,
+            expansion=hp.expansion,
+        )
+
     # ------------------------------------------------------------------------------------------- pieces
     def encode(self, data: dict[str, Tensor]) -> Tensor:
-        """Context tokens (B, puzzle_emb_len, D) for the rows in ``data``."""
+        """Context tokens (B, puzzle_emb_len, D) for the rows in ``data``: the demo encoder's, or the
+        puzzle-id prefix (``conditioning: puzzle_emb``)."""
+        if self.puzzle_emb is not None:
+            return self.puzzle_emb(data["puzzle_id"])
         return self.encoder(data["demo_inputs"], data["demo_outputs"], data["demo_mask"])
 
     def rollout(
@@ -230,11 +259,22 @@ class TRMLitModule(LightningModule):
             print(f"votes from {len(evaluator)} rows; wrote {paths['submission']} and {paths['details']}", flush=True)
 
     # ---------------------------------------------------------------------------------------- optimiser
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """The puzzle table's SignSGD step, at the lr factor the scheduler gives the TRM group now."""
+        if self.puzzle_emb is None:
+            return
+        hp = self.hparams
+        trm_lr = next(g["lr"] for g in optimizer.param_groups if g.get("name") == "trm")
+        lr = hp.puzzle_emb_lr * trm_lr / hp.lr if hp.lr > 0 else 0.0
+        gather = None
+        if self.trainer.world_size > 1:
+            gather = lambda t: self.all_gather(t).flatten(0, 1)  # noqa: E731  (world, n, ...) -> (world*n, ...)
+        self.puzzle_emb.sign_update(lr, hp.puzzle_emb_weight_decay, gather)
+
     def configure_optimizers(self):
         hp = self.hparams
-        groups = named_param_groups(
-            {"encoder": self.encoder, "trm": self.trm}, {"encoder": hp.lr * hp.encoder_lr_scale, "trm": hp.lr}
-        )
+        modules = {"trm": self.trm} if self.encoder is None else {"encoder": self.encoder, "trm": self.trm}
+        groups = named_param_groups(modules, {"encoder": hp.lr * hp.encoder_lr_scale, "trm": hp.lr})
         optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=(hp.beta1, hp.beta2), weight_decay=hp.weight_decay)
         total = int(self.trainer.estimated_stepping_batches)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(hp.lr_warmup_steps, total, hp.lr_min_ratio))

@@ -155,3 +155,30 @@ def test_ema_weights_are_evaluated_and_checkpointed(synthetic_task_dir, syntheti
     assert not torch.equal(ema, live)  # the checkpoint keeps both: EMA as state_dict, live weights beside it
     assert "averaging_state" in ckpt
     assert not torch.equal(seen["val"], seen["train"])  # validation ran on the averaged weights
+
+
+def test_puzzle_emb_baseline_trains_its_table_by_sign_steps(synthetic_task_dir, synthetic_eval_dir, tmp_path):
+    cli = build_tiny(
+        synthetic_task_dir, synthetic_eval_dir, tmp_path, "--trainer.max_steps=4", "--model.lr_warmup_steps=0",
+        "--model.conditioning=puzzle_emb", "--model.puzzle_emb_lr=0.01", "--model.puzzle_emb_weight_decay=0.0",
+        "--data.train_on_eval_demos=true", "--data.num_train_augmentations=3",
+    )
+    model, dm = cli.model, cli.datamodule
+    assert model.encoder is None and model.puzzle_emb is not None
+    n_tasks = len(dm.train_tasks) + len(dm.eval_tasks)
+    assert model.puzzle_emb.num_ids == 1 + n_tasks * 3 == dm.num_puzzle_ids
+    recorder = GradRecorder()
+    cli.trainer.callbacks.append(recorder)
+    cli.trainer.fit(model, dm)
+    assert recorder.zero_grad_params == []  # every TRM parameter is reached through the puzzle prefix
+    groups = {g["name"] for g in cli.trainer.optimizers[0].param_groups}
+    assert groups == {"trm"}  # the table is never an AdamW parameter
+    table = model.puzzle_emb.weights
+    touched = table.abs().sum(1) > 0
+    assert touched.sum() > 0 and not touched[0]  # trained rows, and the blank id stays zero
+    # SignSGD with lr 0.01, no decay, 4 steps: every entry is a multiple of 0.01 of magnitude <= 0.04
+    values = table[touched]
+    assert torch.allclose(values / 0.01, (values / 0.01).round(), atol=1e-4) and values.abs().max() <= 0.04 + 1e-6
+    ckpt = torch.load(cli.trainer.checkpoint_callback.last_model_path, weights_only=False)
+    saved = ckpt["state_dict"]["puzzle_emb.weights"]  # the table is checkpointed (a persistent buffer)
+    assert saved.shape == table.shape and saved.abs().sum() > 0

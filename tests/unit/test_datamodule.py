@@ -120,6 +120,7 @@ def test_train_dataloader_batch(synthetic_task_dir, synthetic_eval_dir):
         "task_index": ((8,), torch.int64),
         "aug_index": ((8,), torch.int64),
         "query_index": ((8,), torch.int64),
+        "puzzle_id": ((8,), torch.int64),
     }
     assert batch["demo_mask"].sum(1).tolist() == [3] * 8
     # every task appears twice in 24 episodes over 12 tasks
@@ -204,3 +205,31 @@ def test_real_firewall_counts():
     # ARC-AGI-1 training 40853293 has the same pairs as evaluation 070dd51e
     assert dm.data_summary["train_shared_by_content"] == 1
     assert "40853293" not in {t.task_id for t in dm.train_tasks}
+
+
+def test_puzzle_ids_name_task_and_augmentation(synthetic_task_dir, synthetic_eval_dir):
+    dm = _dm(synthetic_task_dir, synthetic_eval_dir, episodes_per_epoch=24, num_train_augmentations=5)
+    assert dm.num_puzzle_ids == 1 + 12 * 5  # the blank id, then 5 versions of each of the 12 training tasks
+    batch = next(iter(dm.train_dataloader()))
+    expected = 1 + batch["task_index"] * 5 + batch["aug_index"]
+    assert torch.equal(batch["puzzle_id"], expected)
+    # without the TRM protocol the held-out tasks are unknown to the table: the blank id
+    val = next(iter(dm.val_dataloader()[0]))
+    assert val["puzzle_id"].eq(0).all()
+
+
+def test_train_on_eval_demos_reads_eval_demos_never_eval_test_outputs(synthetic_task_dir, synthetic_eval_dir):
+    dm = _dm(
+        synthetic_task_dir, synthetic_eval_dir, episodes_per_epoch=240, num_train_augmentations=5,
+        train_on_eval_demos=True,
+    )
+    dm.setup()
+    n_train, n_eval = len(dm.train_tasks), len(dm.eval_tasks)
+    assert dm.data_summary["train_on_eval_demos"] is True
+    assert dm.num_puzzle_ids == 1 + (n_train + n_eval) * 5
+    keys = dm.train_dataloader().sampler.global_keys()
+    eval_keys_ = [k for k in keys if k.task_index >= n_train]
+    assert eval_keys_ and all(k.leave_one_out for k in eval_keys_)  # only their demo pairs are read
+    # held-out episodes get the ids training gave the same puzzle versions
+    val = next(iter(dm.val_dataloader()[0]))
+    assert torch.equal(val["puzzle_id"], 1 + (n_train + val["task_index"]) * 5 + val["aug_index"])

@@ -39,6 +39,7 @@ def test_episode_tensors(tasks):
         "task_index": (torch.int64, ()),
         "aug_index": (torch.int64, ()),
         "query_index": (torch.int64, ()),
+        "puzzle_id": (torch.int64, ()),
     }
     assert {k: (v.dtype, tuple(v.shape)) for k, v in item.items()} == expected
     assert item["demo_mask"].tolist() == [True, True, True, False]

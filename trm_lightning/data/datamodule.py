@@ -46,6 +46,10 @@ class ARCDataModule(lightning.LightningDataModule):
             index 0, the original, comes first; TRM votes over ~1000).
         translate: place training episodes at a random offset on the canvas (not the original version).
         leave_one_out_prob: probability that a training episode uses one of its demos as the query.
+        train_on_eval_demos: TRM's protocol: also train on the demo pairs of the evaluation tasks (as
+            leave-one-out queries; their test outputs stay unread). Held-out scores then measure test-time
+            training, not few-shot generalisation; the run prints and records that it is on. The
+            puzzle-id baseline needs it to have a vector for the evaluation puzzles.
         num_workers: DataLoader worker processes.
         seed: seed of augmentations, episode sampling and the ``val_seen`` choice.
     """
@@ -68,6 +72,7 @@ class ARCDataModule(lightning.LightningDataModule):
         test_augmentations: int = 8,
         translate: bool = False,
         leave_one_out_prob: float = 0.0,
+        train_on_eval_demos: bool = False,
         num_workers: int = 0,
         seed: int = 0,
     ) -> None:
@@ -112,6 +117,7 @@ class ARCDataModule(lightning.LightningDataModule):
         self.test_augmentations = test_augmentations
         self.translate = translate
         self.leave_one_out_prob = leave_one_out_prob
+        self.train_on_eval_demos = train_on_eval_demos
         self.num_workers = num_workers
         self.seed = seed
 
@@ -129,6 +135,17 @@ class ARCDataModule(lightning.LightningDataModule):
     @property
     def seq_len(self) -> int:
         return self.canvas_size**2
+
+    @property
+    def num_puzzle_ids(self) -> int:
+        """Rows of the puzzle-id table: the blank id, then ``num_train_augmentations`` versions of every
+        training task (and of every evaluation task with ``train_on_eval_demos``). Loads the tasks."""
+        self.setup()
+        return 1 + len(self._puzzle_tasks()) * self.num_train_augmentations
+
+    def _puzzle_tasks(self) -> list[ArcTask]:
+        """The tasks training reads, in puzzle-id order: training tasks, then (TRM protocol) eval tasks."""
+        return self.train_tasks + (self.eval_tasks if self.train_on_eval_demos else [])
 
     def _world(self) -> tuple[int, int]:
         """(world size, global rank) from the attached Trainer, or (1, 0) without one."""
@@ -234,6 +251,14 @@ class ARCDataModule(lightning.LightningDataModule):
             + (f"; first {self.max_eval_puzzles} by id" if self.max_eval_puzzles is not None else "")
             + ")"
         )
+        summary["train_on_eval_demos"] = self.train_on_eval_demos
+        if self.train_on_eval_demos:
+            demos = sum(len(t.train) for t in eval_usable)
+            rank_zero_warn(
+                f"train_on_eval_demos=True (TRM protocol): training also reads the {demos} demo pairs of the "
+                f"{len(eval_usable)} evaluation tasks (never their test outputs). Held-out scores of this run "
+                "measure test-time training on those tasks, not few-shot generalisation."
+            )
         if summary["eval_queries"] == 0:
             rank_zero_warn(
                 f"no evaluation episodes from {self.eval_source}: {len(eval_usable)} tasks left at canvas {size}, "
@@ -262,18 +287,25 @@ class ARCDataModule(lightning.LightningDataModule):
                 f"episodes_per_epoch={episodes} is less than global_batch_size={self.global_batch_size}: "
                 "an epoch would hold no batch"
             )
+        tasks = self._puzzle_tasks()
         dataset = EpisodeDataset(
-            self.train_tasks, self.canvas_size, self.max_demos, seed=self.seed, translate=self.translate
+            tasks,
+            self.canvas_size,
+            self.max_demos,
+            seed=self.seed,
+            translate=self.translate,
+            puzzle_id_augmentations=self.num_train_augmentations,
         )
         sampler = EpisodeSampler(
             dataset,
-            self.train_tasks,
+            tasks,
             episodes,
             num_replicas=world,
             rank=rank,
             seed=self.seed,
             num_augmentations=self.num_train_augmentations,
             leave_one_out_prob=self.leave_one_out_prob,
+            demos_only=[i >= len(self.train_tasks) for i in range(len(tasks))],
         )
         return self._loader(dataset, batch_size, sampler=sampler, drop_last=True)
 
@@ -281,7 +313,14 @@ class ARCDataModule(lightning.LightningDataModule):
         return self.eval_batch_size if self.eval_batch_size is not None else self.local_batch_size
 
     def _heldout_loader(self, num_augmentations: int | None = None) -> DataLoader:
-        dataset = EpisodeDataset(self.eval_tasks, self.canvas_size, self.max_demos, seed=self.seed)
+        dataset = EpisodeDataset(
+            self.eval_tasks,
+            self.canvas_size,
+            self.max_demos,
+            seed=self.seed,
+            puzzle_id_base=len(self.train_tasks),
+            puzzle_id_augmentations=self.num_train_augmentations if self.train_on_eval_demos else 0,
+        )
         keys = eval_keys(self.eval_tasks, range(num_augmentations or self.val_augmentations))
         return self._loader(KeyedEpisodes(dataset, keys), self._eval_batch_size(), shuffle=False)
 
@@ -293,7 +332,13 @@ class ARCDataModule(lightning.LightningDataModule):
         return sorted(int(i) for i in rng.choice(len(self.train_tasks), size=n, replace=False))
 
     def _seen_loader(self) -> DataLoader:
-        dataset = EpisodeDataset(self.train_tasks, self.canvas_size, self.max_demos, seed=self.seed)
+        dataset = EpisodeDataset(
+            self.train_tasks,
+            self.canvas_size,
+            self.max_demos,
+            seed=self.seed,
+            puzzle_id_augmentations=self.num_train_augmentations,
+        )
         augs = [self.num_train_augmentations + j for j in range(self.val_augmentations)]
         chosen = set(self.val_seen_task_indices())
         keys = [k for k in eval_keys(self.train_tasks, augs) if k.task_index in chosen]

@@ -48,7 +48,10 @@ class EpisodeDataset(Dataset):
     - ``demo_mask``: bool ``[K]``, True for the slots that hold a demo;
     - ``inputs``: int32 ``[S*S]``; ``labels``: int64 ``[S*S]``, -100 at PAD (all -100 when the answer is
       unknown);
-    - ``task_index``, ``aug_index``, ``query_index``: int64 scalars.
+    - ``task_index``, ``aug_index``, ``query_index``: int64 scalars;
+    - ``puzzle_id``: int64 scalar, the puzzle-id baseline's row for this puzzle version:
+      ``1 + (puzzle_id_base + task_index) * puzzle_id_augmentations + aug_index`` when
+      ``aug_index < puzzle_id_augmentations``, else 0 (the blank id: a version the table never trains).
 
     Args:
         tasks: the tasks; ``task_index`` indexes this sequence.
@@ -56,6 +59,10 @@ class EpisodeDataset(Dataset):
         max_demos: demo slots per episode; a task with more demos keeps the first ``max_demos``.
         seed: augmentation seed (see :func:`augmentation_for`).
         translate: place each augmented episode (``aug_index != 0``) at a random offset, one per episode.
+        puzzle_id_base: task slot of ``task_index`` 0 in the puzzle-id space (the evaluation tasks follow
+            the training tasks when both are in the table).
+        puzzle_id_augmentations: augmentation versions per task in the puzzle-id space; 0 gives every
+            episode the blank id 0.
     """
 
     def __init__(
@@ -65,6 +72,8 @@ class EpisodeDataset(Dataset):
         max_demos: int,
         seed: int = 0,
         translate: bool = False,
+        puzzle_id_base: int = 0,
+        puzzle_id_augmentations: int = 0,
     ) -> None:
         if canvas_size < 1:
             raise ConfigError(f"canvas_size must be >= 1, got {canvas_size}")
@@ -75,6 +84,15 @@ class EpisodeDataset(Dataset):
         self.max_demos = max_demos
         self.seed = seed
         self.translate = translate
+        self.puzzle_id_base = puzzle_id_base
+        self.puzzle_id_augmentations = puzzle_id_augmentations
+
+    def puzzle_id(self, task_index: int, aug_index: int) -> int:
+        """The puzzle-id row of (task, augmentation), 0 when the table does not hold it."""
+        n = self.puzzle_id_augmentations
+        if not 0 <= aug_index < n:
+            return 0
+        return 1 + (self.puzzle_id_base + task_index) * n + aug_index
 
     def __len__(self) -> int:
         return len(self.tasks)
@@ -147,6 +165,7 @@ class EpisodeDataset(Dataset):
             "task_index": torch.tensor(key.task_index, dtype=torch.int64),
             "aug_index": torch.tensor(key.aug_index, dtype=torch.int64),
             "query_index": torch.tensor(key.query_index, dtype=torch.int64),
+            "puzzle_id": torch.tensor(self.puzzle_id(key.task_index, key.aug_index), dtype=torch.int64),
         }
 
 
@@ -172,6 +191,8 @@ class EpisodeSampler(DistributedSampler):
         seed: sampling seed.
         num_augmentations: augmentation indices are drawn from ``0..num_augmentations - 1``.
         leave_one_out_prob: probability of a leave-one-out episode (tasks with >= 2 train pairs).
+        demos_only: per task, True when only its demo pairs may be used (TRM's protocol for evaluation
+            tasks): its episodes are always leave-one-out, its test outputs never read.
     """
 
     def __init__(
@@ -184,6 +205,7 @@ class EpisodeSampler(DistributedSampler):
         seed: int = 0,
         num_augmentations: int = 1000,
         leave_one_out_prob: float = 0.0,
+        demos_only: Sequence[bool] | None = None,
     ) -> None:
         if num_replicas < 1:
             raise ConfigError(f"num_replicas must be >= 1, got {num_replicas}")
@@ -204,9 +226,14 @@ class EpisodeSampler(DistributedSampler):
         self.episodes_per_epoch = episodes_per_epoch
         self.num_augmentations = num_augmentations
         self.leave_one_out_prob = leave_one_out_prob
+        self._demos_only = [False] * len(self.tasks) if demos_only is None else [bool(d) for d in demos_only]
+        if len(self._demos_only) != len(self.tasks):
+            raise ConfigError(f"demos_only has {len(self._demos_only)} entries for {len(self.tasks)} tasks")
         self._labelled = [task.labelled_test_indices for task in self.tasks]
-        for task, labelled in zip(self.tasks, self._labelled):
-            if not labelled:
+        for task, labelled, only in zip(self.tasks, self._labelled, self._demos_only):
+            if only and not task.train:
+                raise DataError(f"{task.source}: task '{task.task_id}' has no demo pair to train on")
+            if not labelled and not only:
                 raise DataError(f"{task.source}: task '{task.task_id}' has no test pair with a known output")
         self._n_train = np.array([len(task.train) for task in self.tasks])
         # what DistributedSampler's other methods read
@@ -230,7 +257,9 @@ class EpisodeSampler(DistributedSampler):
         keys = []
         for task_index, loo_u, pair_u, aug in zip(order.tolist(), loo_draw, pair_draw, augs.tolist()):
             n_train = int(self._n_train[task_index])
-            if n_train >= 2 and loo_u < self.leave_one_out_prob:
+            if self._demos_only[task_index]:
+                keys.append(EpisodeKey(task_index, min(int(pair_u * n_train), n_train - 1), aug, True))
+            elif n_train >= 2 and loo_u < self.leave_one_out_prob:
                 keys.append(EpisodeKey(task_index, min(int(pair_u * n_train), n_train - 1), aug, True))
             else:
                 labelled = self._labelled[task_index]
