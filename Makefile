@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 CONFIG ?= configs/demo.yaml
 
-.PHONY: install test test-full demo overfit print-config tensorboard clean
+.PHONY: install test test-full demo overfit bench print-config tensorboard clean
 
 install: $(STAMP)
 
@@ -28,6 +28,13 @@ demo: install  ## CPU training on real ARC-AGI-1 tasks that fit a 10x10 canvas, 
 
 overfit: install  ## the seed's E1 gate on CPU: exit 0 with `overfit: PASS ...` or 1 with `overfit: FAIL ...`
 	$(BIN)/trm fit --config configs/overfit_cpu.yaml
+
+bench: install  ## speed: train step + encoder overhead, eval rollout, data loading (CPU: the demo and ARC configs)
+	$(BIN)/python benchmarks/bench_train.py --preset demo --batch 32
+	$(BIN)/python benchmarks/bench_train.py --preset arc --batch 8 --steps 2
+	$(BIN)/python benchmarks/bench_eval.py --preset demo --batch 32
+	$(BIN)/python benchmarks/bench_eval.py --preset arc --batch 8 --steps 1
+	$(BIN)/python benchmarks/bench_data.py --preset arc --batch 64 --steps 10
 
 print-config: install  ## the resolved config of CONFIG (default: the demo)
 	$(BIN)/trm fit --config $(CONFIG) --print_config

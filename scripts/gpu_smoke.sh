@@ -4,15 +4,16 @@
 # Usage: scripts/gpu_smoke.sh [extra trm args...]     (run from the repository root)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-TRM=${TRM:-.venv/bin/trm}
-[ -x "$TRM" ] || TRM=trm
+# the trm command: .venv/bin/trm, else trm on PATH, else the module (a machine with the package on PYTHONPATH)
+if [ -x .venv/bin/trm ]; then TRM=(.venv/bin/trm); elif command -v trm >/dev/null; then TRM=(trm)
+else TRM=(python3 -m trm_lightning); fi
 OUT=${OUT_DIR:-runs/gpu_smoke}
 NGPU=$(python3 -c "import torch; print(torch.cuda.device_count())")
 [ "$NGPU" -ge 1 ] || { echo "gpu_smoke: no CUDA device visible" >&2; exit 1; }
 STRATEGY=auto; [ "$NGPU" -gt 1 ] && STRATEGY=ddp
 BATCH=${BATCH:-$((64 * NGPU))}
 START=$(date +%s.%N)
-"$TRM" fit --config configs/arc1/encoder_trm.yaml \
+"${TRM[@]}" fit --config configs/arc1/encoder_trm.yaml \
   --trainer.accelerator gpu --trainer.devices "$NGPU" --trainer.strategy "$STRATEGY" \
   --trainer.precision bf16-mixed --trainer.max_steps 50 --trainer.log_every_n_steps 10 \
   --trainer.limit_val_batches 2 --trainer.val_check_interval 50 \

