@@ -20,11 +20,9 @@ from trm_lightning.optim import named_param_groups
 
 
 def measure(args, conditioning: str) -> dict:
-    model, dm = build(args, f"--model.conditioning={conditioning}")
+    model, dm = build(args, f"--model.conditioning={conditioning}", f"--model.compile={args.compile}")
     hp = model.hparams
     model.to(args.device).train()
-    if args.compile:
-        model.trm.net = torch.compile(model.trm.net)
     loader = dm.train_dataloader()
     batches = [to_device(b, args.device) for _, b in zip(range(4), loader)]
     modules = {"trm": model.trm} if model.encoder is None else {"encoder": model.encoder, "trm": model.trm}
@@ -44,17 +42,22 @@ def measure(args, conditioning: str) -> dict:
     rows = args.batch
     tokens = rows * (hp.puzzle_emb_len + hp.canvas_size**2)
     valid_demos = torch.cat([b["demo_mask"].sum(1).float() for b in batches]).mean().item()
+    real_cells = sum(((b["demo_inputs"] != 0).sum() + (b["demo_outputs"] != 0).sum()).item() for b in batches)
+    tokens_per_demo = real_cells / sum(b["demo_mask"].sum().item() for b in batches)
+    if hp.encoder_crop_buckets <= 0:
+        tokens_per_demo = 2 * hp.canvas_size**2
     trm_flops = rows * trm_step_flops(
         hp.canvas_size, hp.hidden_size, hp.expansion, hp.L_layers, hp.H_cycles, hp.L_cycles, hp.puzzle_emb_len
     )
     enc_flops = 0.0
     if model.encoder is not None:
         enc_flops = rows * encoder_step_flops(valid_demos, hp.canvas_size, hp.hidden_size, hp.expansion,
-                                              hp.encoder_num_layers)
+                                              hp.encoder_num_layers, tokens_per_demo)
     tflops = (trm_flops + enc_flops) / seconds / 1e12
     record = dict(
         conditioning=conditioning, rows=rows, step_s=seconds, samples_per_s=rows / seconds,
         tokens_per_s=tokens / seconds, peak_mem_gib=peak, valid_demos_per_row=valid_demos,
+        encoder_tokens_per_demo=tokens_per_demo,
         gflop_per_step=(trm_flops + enc_flops) / 1e9, tflops=tflops,
     )
     peak_t = peak_tflops(args.device)

@@ -43,7 +43,9 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", choices=["32", "bf16"], default=None,
                    help="autocast dtype (default: bf16 on a GPU, 32 on CPU where bf16 is slower)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the TRM core's net")
+    p.add_argument("--compile", action="store_true", help="model.compile=true: torch.compile the TRM core's net")
+    p.add_argument("--crop-buckets", type=int, default=None,
+                   help="model.encoder_crop_buckets (default: the config's; 0 encodes the whole canvas)")
     p.add_argument("--json", default=str(ROOT / "runs" / "bench" / "results.jsonl"),
                    help="append one JSON record per line here")
     p.add_argument("overrides", nargs="*", help="extra trm options, e.g. --model.hidden_size=256 (after --)")
@@ -70,6 +72,7 @@ def build(args: argparse.Namespace, *extra: str):
             f"--data.global_batch_size={args.batch}",
             f"--data.episodes_per_epoch={max(args.batch, 1) * 4}",
             "--data.num_workers=0",
+            *([] if args.crop_buckets is None else [f"--model.encoder_crop_buckets={args.crop_buckets}"]),
             *args.overrides,
             *extra,
         ],

@@ -27,7 +27,7 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="write the kernel table here")
     args = resolve_defaults(parser.parse_args())
     quiet()
-    model, dm = build(args, "--model.conditioning=encoder")
+    model, dm = build(args, "--model.conditioning=encoder", f"--model.compile={args.compile}")
     model.to(args.device).train()
     batches = [to_device(b, args.device) for _, b in zip(range(2), dm.train_dataloader())]
     feed = cycle(batches)

@@ -14,7 +14,8 @@ blocks over ``P + S^2`` tokens, of which the last ``L_cycles + 1`` run with grad
 0.40 TFLOP per row-step, the figure the issue quotes for the official TRM.
 
 The demo encoder (run with gradient on every row every step) costs ``valid demos x num_layers`` blocks over
-the ``2 S^2`` tokens of an (input, output) pair, as executed: a padding mask does not skip the padded cells.
+the tokens of an (input, output) pair: all ``2 S^2`` canvas cells without cropping (a padding mask skips no
+compute), only the real cells with ``encoder_crop_buckets > 0`` (bucket padding not counted).
 """
 
 from __future__ import annotations
@@ -56,10 +57,12 @@ def encoder_step_flops(
     hidden_size: int = 512,
     expansion: float = 4.0,
     encoder_num_layers: int = 2,
+    tokens_per_demo: float | None = None,
 ) -> float:
     """Training FLOPs (forward + backward) of the per-demo grid encoder for one row with ``valid_demos``
-    encoded demo pairs (the set encoder over <= 10 vectors is negligible and not counted)."""
-    tokens = 2 * canvas_size * canvas_size
+    encoded demo pairs of ``tokens_per_demo`` tokens each (default: the whole ``2 S^2`` canvas; with
+    cropping, the mean number of real cells). The set encoder over <= 10 vectors is not counted."""
+    tokens = 2 * canvas_size * canvas_size if tokens_per_demo is None else tokens_per_demo
     inter = swiglu_intermediate(hidden_size, expansion)
     per_demo = encoder_num_layers * block_flops(tokens, tokens, hidden_size, inter)
     return 3.0 * valid_demos * per_demo

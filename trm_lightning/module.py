@@ -51,6 +51,8 @@ class TRMLitModule(LightningModule):
         encoder_set_layers: cross-attention layers of the set encoder over the demos.
         encoder_layer_scale_init: CaiT layer-scale init of the encoder's residual branches (0 = off).
         encoder_norm_style: encoder blocks with post-norm (TRM style) or pre-norm.
+        encoder_crop_buckets: encode only the real cells of each demo pair, sorted into this many length
+            buckets (0 = the whole canvas; the output is the same, only the compute differs).
         loss_type: token loss, stablemax (TRM, fp64) or softmax.
         q_halt_loss_weight: weight of the halting BCE.
         lr: base learning rate (the TRM group).
@@ -60,6 +62,7 @@ class TRMLitModule(LightningModule):
         beta2: AdamW beta2.
         lr_warmup_steps: linear warmup steps from 0.
         lr_min_ratio: cosine floor as a fraction of lr at the last step; 1.0 = constant after warmup.
+        compile: ``torch.compile`` the TRM core's shared net (never the whole module); for GPUs.
         conditioning: what fills the TRM prefix: ``encoder`` (the demo encoder) or ``puzzle_emb`` (the
             original TRM: a learned vector per puzzle id, no demos read; pair it with
             ``data.train_on_eval_demos`` for TRM's protocol, configs/arc1/puzzle_emb_trm.yaml).
@@ -85,6 +88,7 @@ class TRMLitModule(LightningModule):
         encoder_set_layers: int = 1,
         encoder_layer_scale_init: float = 0.0,
         encoder_norm_style: Literal["post", "pre"] = "post",
+        encoder_crop_buckets: int = 4,
         loss_type: Literal["stablemax", "softmax"] = "stablemax",
         q_halt_loss_weight: float = 0.5,
         lr: float = 1e-4,
@@ -94,6 +98,7 @@ class TRMLitModule(LightningModule):
         beta2: float = 0.95,
         lr_warmup_steps: int = 2000,
         lr_min_ratio: float = 1.0,
+        compile: bool = False,
         conditioning: Literal["encoder", "puzzle_emb"] = "encoder",
         num_puzzle_ids: int = 1,
         puzzle_emb_lr: float = 1e-2,
@@ -125,6 +130,7 @@ class TRMLitModule(LightningModule):
             prefix_len=puzzle_emb_len,
             halt_max_steps=halt_max_steps,
             halt_exploration_prob=halt_exploration_prob,
+            compile=compile,
         )
         self.train_metrics = ACTMetrics()
         self.val_metrics = torch.nn.ModuleDict({view: ACTMetrics() for view in VAL_VIEWS})
@@ -146,6 +152,7 @@ class TRMLitModule(LightningModule):
             canvas_size=hp.canvas_size,
             vocab_size=VOCAB_SIZE,
             expansion=hp.expansion,
+            crop_buckets=hp.encoder_crop_buckets,
         )
 
     # ------------------------------------------------------------------------------------------- pieces

@@ -118,3 +118,39 @@ def test_embedding_scale_gives_unit_rms_tokens():
     rms = x[:, 2:].pow(2).mean().sqrt().item()
     assert 0.7 < rms < 1.3, rms
     assert math.isclose(trm.embed_scale, 8.0)
+
+
+def _real_grids(n, seed=0):
+    """Demo pairs of random sizes written as canvases (grid + EOS border + PAD), like the data pipeline."""
+    import numpy as np
+
+    from trm_lightning.data.tokenize import grid_to_canvas
+
+    rng = np.random.default_rng(seed)
+    ins, outs = [], []
+    for _ in range(n):
+        for side in (ins, outs):
+            h, w = rng.integers(1, S + 1, size=2)
+            side.append(torch.from_numpy(grid_to_canvas(rng.integers(0, 10, (h, w)), S).astype("int32")))
+    return torch.stack(ins).view(n // 4, 4, S * S), torch.stack(outs).view(n // 4, 4, S * S)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "attention", "weighted"])
+@pytest.mark.parametrize("norm_style", ["post", "pre"])
+def test_cropped_encoding_equals_the_full_canvas(pooling, norm_style):
+    di, do = _real_grids(12)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0]], dtype=torch.bool)
+    full = _encoder(pooling=pooling, norm_style=norm_style, crop_buckets=0)
+    cropped = _encoder(pooling=pooling, norm_style=norm_style, crop_buckets=3)
+    assert torch.equal(torch.cat([p.flatten() for p in full.parameters()]),
+                       torch.cat([p.flatten() for p in cropped.parameters()]))
+    ref = full(di, do, mask)
+    out = cropped(di, do, mask)
+    assert torch.allclose(out, ref, atol=2e-5), (out - ref).abs().max()
+    # and the gradients agree too
+    g_full = torch.autograd.grad(ref.square().sum(), list(full.parameters()), allow_unused=True)
+    g_crop = torch.autograd.grad(out.square().sum(), list(cropped.parameters()), allow_unused=True)
+    for a, b in zip(g_full, g_crop):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert torch.allclose(a, b, atol=1e-4, rtol=1e-3)
