@@ -5,7 +5,9 @@ from callbacks.context_reliance import ContextReliance
 from callbacks.encoder_diagnostics import EncoderDiagnostics
 from callbacks.grad_norms import GradNorms
 from callbacks.grid_images import GridImages
+from callbacks.last_checkpoint import LastCheckpoint
 from callbacks.run_summary import RunSummary
 
 __all__ = ["CollapseAlert", "CollapseAlertError", "ContextReliance", "EncoderDiagnostics", "GradNorms", "RunSummary",
-           "GridImages"]
+           "GridImages",
+           "LastCheckpoint"]

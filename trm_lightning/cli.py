@@ -2,8 +2,8 @@
 
 ``trm fit --config configs/demo.yaml``, ``trm fit --config a.yaml --config b.yaml --model.lr 3e-5``,
 ``trm fit --config configs/demo.yaml --print_config``. Always-on callbacks are their own config sections
-(``checkpoint:``, ``lr_monitor:``, ``progress_bar:``) so a ``trainer.callbacks`` list in a YAML adds to them
-instead of silently dropping them.
+(``checkpoint:`` best validation, ``last_checkpoint:`` last.ckpt for resuming, ``lr_monitor:``,
+``progress_bar:``) so a ``trainer.callbacks`` list in a YAML adds to them instead of silently dropping them.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import sys
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.cli import ArgsType, LightningCLI
 
+from callbacks.last_checkpoint import LastCheckpoint
 from trm_lightning.data.datamodule import ARCDataModule
 from trm_lightning.errors import TRMError
 from trm_lightning.module import TRMLitModule
@@ -33,12 +34,13 @@ class TRMCLI(LightningCLI):
             {
                 "checkpoint.monitor": "val/exact_accuracy",
                 "checkpoint.mode": "max",
-                "checkpoint.save_last": True,
+                "checkpoint.save_last": False,  # last.ckpt is last_checkpoint's
                 "checkpoint.save_top_k": 1,
                 "checkpoint.auto_insert_metric_name": False,
                 "checkpoint.filename": "step{step}-val_exact{val/exact_accuracy:.4f}",
             }
         )
+        parser.add_lightning_class_args(LastCheckpoint, "last_checkpoint")
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
         parser.add_lightning_class_args(TQDMProgressBar, "progress_bar")

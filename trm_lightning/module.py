@@ -18,9 +18,13 @@ from typing import Literal
 
 import torch
 from lightning.pytorch import LightningModule
+from lightning.pytorch.trainer.states import TrainerStatus
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
+from trm_lightning import resume
 from trm_lightning.data.tokenize import VOCAB_SIZE
+from trm_lightning.errors import ConfigError
 from trm_lightning.evaluation import ARCVoteEvaluator
 from trm_lightning.losses import act_loss
 from trm_lightning.metrics import ACTMetrics
@@ -30,6 +34,13 @@ from trm_lightning.models.trm import ACTCarry, TinyRecursiveModel
 from trm_lightning.optim import named_param_groups, warmup_cosine
 
 VAL_VIEWS = ("val", "val_seen")
+
+# hyperparameters that decide the parameters' shapes or meaning: a checkpoint must agree on all of them
+ARCHITECTURE_KEYS = (
+    "canvas_size", "hidden_size", "num_heads", "expansion", "L_layers", "puzzle_emb_len", "conditioning",
+    "num_puzzle_ids", "encoder_num_layers", "encoder_pooling_method", "encoder_set_layers",
+    "encoder_layer_scale_init", "encoder_norm_style",
+)
 
 
 class TRMLitModule(LightningModule):
@@ -133,10 +144,12 @@ class TRMLitModule(LightningModule):
             compile=compile,
         )
         self.train_metrics = ACTMetrics()
+        self.train_metrics.persistent(True)  # sums between two log steps survive a resume
         self.val_metrics = torch.nn.ModuleDict({view: ACTMetrics() for view in VAL_VIEWS})
         self.test_metrics = ACTMetrics()
         self._carry: ACTCarry | None = None  # plain attribute: never a buffer, never averaged by EMA
         self._evaluator: ARCVoteEvaluator | None = None
+        self._resumed_state: dict | None = None  # per-rank carry + RNG from a checkpoint, applied at train start
 
     def _build_encoder(self) -> StandardDemoEncoder:
         hp = self.hparams
@@ -184,6 +197,40 @@ class TRMLitModule(LightningModule):
     # ----------------------------------------------------------------------------------------- training
     def on_train_start(self) -> None:
         self._carry = None
+        if self._resumed_state is None:
+            return
+        saved, self._resumed_state = self._resumed_state, None
+        state, why = resume.rank_state(saved, self.trainer.world_size, self.global_rank)
+        if state is None:
+            rank_zero_warn(f"resume: ACT carry and random generators start fresh ({why}); the run continues "
+                           "from the checkpoint but not bit for bit as an uninterrupted run would")
+            return
+        resume.restore_rng(state["rng"])
+        self._carry = resume.carry_from_cpu(state["carry"], self.device)
+
+    # ---------------------------------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Add every rank's ACT carry and RNG states (Lightning calls this on all ranks)."""
+        world = self.trainer.world_size
+        if world > 1 and self.trainer.state.status == TrainerStatus.INTERRUPTED:
+            return  # a crash may have stopped one rank only: no collective here, resume will start these fresh
+        local = {"rng": resume.capture_rng(), "carry": resume.carry_to_cpu(self._carry)}
+        checkpoint["trm_rank_states"] = {"world_size": world, "ranks": resume.gather_rank_states(local, world)}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Refuse a checkpoint of another architecture with one clear message; keep the per-rank state."""
+        saved = checkpoint.get("hyper_parameters", {})
+        differ = [
+            f"{k}={saved[k]!r} (config: {self.hparams[k]!r})"
+            for k in ARCHITECTURE_KEYS
+            if k in saved and k in self.hparams and saved[k] != self.hparams[k]
+        ]
+        if differ:
+            raise ConfigError(
+                "the checkpoint was trained with another model configuration: " + ", ".join(differ)
+                + "; pass the run's own config.yaml with --config"
+            )
+        self._resumed_state = checkpoint.get("trm_rank_states")
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
         if self._carry is None or self._carry.halted.shape[0] != batch["inputs"].shape[0]:

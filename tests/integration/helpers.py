@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 from pathlib import Path
+
+from lightning.pytorch import Callback
 
 from trm_lightning.cli import build_cli
 
@@ -29,3 +34,27 @@ def run_tiny(subcommand: str, train_dir, eval_dir, out_dir, *extra: str):
 def build_tiny(train_dir, eval_dir, out_dir, *extra: str):
     """Instantiate model, datamodule and trainer without running anything."""
     return build_cli(tiny_args(train_dir, eval_dir, out_dir, *extra), run=False)
+
+
+class LossRecorder(Callback):
+    """Appends ``{"step": global step, "loss": training loss}`` per optimizer step to a JSON-lines file
+    (``--trainer.callbacks+=tests.integration.helpers.LossRecorder --trainer.callbacks.path=...``)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": trainer.global_step, "loss": float(outputs["loss"])}) + "\n")
+
+
+class KillAtStep(Callback):
+    """SIGKILLs its own process just before optimizer step ``step + 1`` starts (after step ``step``'s
+    checkpoints were written): a crash that runs no handler at all."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)

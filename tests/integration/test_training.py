@@ -11,6 +11,14 @@ from lightning.pytorch import Callback
 from tests.integration.helpers import build_tiny, run_tiny
 
 
+def _last_ckpt(cli) -> str:
+    """The run's last.ckpt (written by the ``last_checkpoint`` callback)."""
+    from callbacks.last_checkpoint import LastCheckpoint
+
+    (last,) = [c for c in cli.trainer.callbacks if isinstance(c, LastCheckpoint)]
+    return last.last_model_path
+
+
 class GradRecorder(Callback):
     """Keeps, for the first optimizer step, which parameters got a non-zero gradient (before clipping)."""
 
@@ -150,7 +158,7 @@ def test_ema_weights_are_evaluated_and_checkpointed(synthetic_task_dir, syntheti
 
     cli.trainer.callbacks.append(WeightSpy())
     cli.trainer.fit(cli.model, cli.datamodule)
-    ckpt = torch.load(cli.trainer.checkpoint_callback.last_model_path, weights_only=False)
+    ckpt = torch.load(_last_ckpt(cli), weights_only=False)
     ema, live = ckpt["state_dict"]["trm.lm_head.weight"], ckpt["current_model_state"]["trm.lm_head.weight"]
     assert not torch.equal(ema, live)  # the checkpoint keeps both: EMA as state_dict, live weights beside it
     assert "averaging_state" in ckpt
@@ -179,6 +187,6 @@ def test_puzzle_emb_baseline_trains_its_table_by_sign_steps(synthetic_task_dir, 
     # SignSGD with lr 0.01, no decay, 4 steps: every entry is a multiple of 0.01 of magnitude <= 0.04
     values = table[touched]
     assert torch.allclose(values / 0.01, (values / 0.01).round(), atol=1e-4) and values.abs().max() <= 0.04 + 1e-6
-    ckpt = torch.load(cli.trainer.checkpoint_callback.last_model_path, weights_only=False)
+    ckpt = torch.load(_last_ckpt(cli), weights_only=False)
     saved = ckpt["state_dict"]["puzzle_emb.weights"]  # the table is checkpointed (a persistent buffer)
     assert saved.shape == table.shape and saved.abs().sum() > 0

@@ -12,7 +12,14 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, default_collate
 
 from trm_lightning.data.arc import ArcTask, load_source
-from trm_lightning.data.episodes import EpisodeDataset, EpisodeKey, EpisodeSampler, KeyedEpisodes, eval_keys
+from trm_lightning.data.episodes import (
+    EpisodeDataset,
+    EpisodeKey,
+    EpisodeLoader,
+    EpisodeSampler,
+    KeyedEpisodes,
+    eval_keys,
+)
 from trm_lightning.data.tokenize import VOCAB_SIZE
 from trm_lightning.errors import ConfigError
 
@@ -267,8 +274,8 @@ class ARCDataModule(lightning.LightningDataModule):
         self._is_set_up = True
 
     # ------------------------------------------------------------------ loaders
-    def _loader(self, dataset, batch_size: int, **kwargs) -> DataLoader:
-        return DataLoader(
+    def _loader(self, dataset, batch_size: int, loader_class: type[DataLoader] = DataLoader, **kwargs) -> DataLoader:
+        return loader_class(
             dataset,
             batch_size=batch_size,
             num_workers=self.num_workers,
@@ -307,7 +314,15 @@ class ARCDataModule(lightning.LightningDataModule):
             leave_one_out_prob=self.leave_one_out_prob,
             demos_only=[i >= len(self.train_tasks) for i in range(len(tasks))],
         )
-        return self._loader(dataset, batch_size, sampler=sampler, drop_last=True)
+        return self._loader(
+            dataset, batch_size, EpisodeLoader, sampler=sampler, drop_last=True, progress=self._batches_done
+        )
+
+    def _batches_done(self) -> int:
+        """Batches of the current epoch whose training step is done (what a checkpoint must not repeat)."""
+        if self.trainer is None:
+            return 0
+        return int(self.trainer.fit_loop.epoch_loop.batch_progress.current.processed)
 
     def _eval_batch_size(self) -> int:
         return self.eval_batch_size if self.eval_batch_size is not None else self.local_batch_size

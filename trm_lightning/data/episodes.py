@@ -9,12 +9,12 @@ keys an epoch visits (deterministically from ``(seed, epoch)``, split across ran
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from trm_lightning.data.arc import ArcTask
 from trm_lightning.data.augment import augmentation_for, translation_for
@@ -239,6 +239,13 @@ class EpisodeSampler(DistributedSampler):
         # what DistributedSampler's other methods read
         self.num_samples = episodes_per_epoch // num_replicas
         self.total_size = self.num_samples * num_replicas
+        self._resume: tuple[int, int] | None = None  # (epoch, episodes of it already trained on, this rank)
+
+    def resume_at(self, epoch: int, episodes_done: int) -> None:
+        """The next iteration of ``epoch`` starts after its first ``episodes_done`` keys (a mid-epoch resume)."""
+        if not 0 <= episodes_done <= self.num_samples:
+            raise ValueError(f"episodes_done={episodes_done} is outside 0..{self.num_samples}")
+        self._resume = (epoch, episodes_done)
 
     def __len__(self) -> int:
         return self.num_samples
@@ -269,7 +276,38 @@ class EpisodeSampler(DistributedSampler):
 
     def __iter__(self) -> Iterator[EpisodeKey]:
         keys = self.global_keys()[self.rank :: self.num_replicas][: self.num_samples]
+        if self._resume is not None and self._resume[0] == self.epoch:
+            keys = keys[self._resume[1] :]
+        self._resume = None  # only the first iteration after a resume is shortened
         return iter(keys)
+
+
+class EpisodeLoader(DataLoader):
+    """The training DataLoader, resumable mid-epoch through Lightning's ``state_dict``/``load_state_dict``.
+
+    Lightning saves the state with every checkpoint and loads it before it iterates again; the state is
+    the sampler's epoch and the batches already trained on in it (``progress()``, read from the Trainer
+    at save time, not from this loader, which prefetches ahead). On resume, the sampler skips them, so
+    the run sees exactly the batches an uninterrupted run would have seen.
+
+    Args:
+        progress: returns the number of batches of the current epoch whose optimizer step is done.
+        *args, **kwargs: as for :class:`~torch.utils.data.DataLoader` (the sampler must be an
+            :class:`EpisodeSampler`).
+    """
+
+    def __init__(self, *args, progress: Callable[[], int], **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.sampler, EpisodeSampler):
+            raise TypeError("EpisodeLoader needs an EpisodeSampler")
+        self._progress = progress
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": int(self.sampler.epoch), "batches": int(self._progress())}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        batches = min(int(state["batches"]), len(self))
+        self.sampler.resume_at(int(state["epoch"]), batches * int(self.batch_size))
 
 
 class KeyedEpisodes(Dataset):
