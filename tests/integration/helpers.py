@@ -7,6 +7,7 @@ import os
 import signal
 from pathlib import Path
 
+import torch
 from lightning.pytorch import Callback
 
 from trm_lightning.cli import build_cli
@@ -37,7 +38,8 @@ def build_tiny(train_dir, eval_dir, out_dir, *extra: str):
 
 
 class LossRecorder(Callback):
-    """Appends ``{"step": global step, "loss": training loss}`` per optimizer step to a JSON-lines file
+    """Appends ``{"step", "loss", "rand"}`` per optimizer step to a JSON-lines file, ``rand`` being a draw from
+    torch's generator after the step (so a comparison also checks the random state)
     (``--trainer.callbacks+=tests.integration.helpers.LossRecorder --trainer.callbacks.path=...``)."""
 
     def __init__(self, path: str) -> None:
@@ -45,7 +47,8 @@ class LossRecorder(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         with open(self.path, "a") as f:
-            f.write(json.dumps({"step": trainer.global_step, "loss": float(outputs["loss"])}) + "\n")
+            record = {"step": trainer.global_step, "loss": float(outputs["loss"]), "rand": float(torch.rand(()))}
+            f.write(json.dumps(record) + "\n")
 
 
 class KillAtStep(Callback):

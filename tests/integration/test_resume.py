@@ -15,7 +15,7 @@ from tests.integration.helpers import ROOT, tiny_args
 pytestmark = pytest.mark.slow
 
 STEPS = ["--trainer.max_steps=35", "--trainer.val_check_interval=10", "--trainer.deterministic=true",
-         "--data.episodes_per_epoch=12",  # 3 batches an epoch: the kill lands mid-epoch
+         "--data.episodes_per_epoch=16",  # 4 batches an epoch: the kill (after step 15) lands mid-epoch
          "--last_checkpoint.every_n_train_steps=5", "--trainer.logger.init_args.name=run",
          "--trainer.callbacks+=lightning.pytorch.callbacks.EMAWeightAveraging", "--trainer.callbacks.decay=0.9"]
 
@@ -29,8 +29,9 @@ def _fit(out_dir, train_dir, eval_dir, losses, *extra: str) -> subprocess.Comple
                           capture_output=True, text=True, timeout=600)
 
 
-def _losses(path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in map(json.loads, open(path))}
+def _losses(path) -> dict[int, tuple[float, float]]:
+    """step -> (loss, a random draw made after the step: equal only if the generators were restored)."""
+    return {r["step"]: (r["loss"], r["rand"]) for r in map(json.loads, open(path))}
 
 
 def test_sigkill_then_resume_repeats_the_uninterrupted_run(tmp_path, synthetic_task_dir, synthetic_eval_dir):
