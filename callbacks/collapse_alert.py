@@ -39,6 +39,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from callbacks.encoder_diagnostics import EncoderDiagnostics, due, tensorboard_writers
+from callbacks.last_checkpoint import LastCheckpoint, weights_are_finite
 from trm_lightning.errors import TRMError
 
 Action = Literal["warn", "stop", "raise"]
@@ -243,7 +244,7 @@ class NonFiniteRule(Rule):
     """A non-finite loss or gradient on any rank since the previous check (values: counts of ranks)."""
 
     name = "nonfinite"
-    keys = ("nonfinite_loss_ranks", "nonfinite_grad_ranks")
+    keys = ("nonfinite_loss_ranks", "nonfinite_grad_ranks", "first_nonfinite_step")
 
     def __init__(self, action: Action = "stop") -> None:
         super().__init__(1, action)
@@ -252,11 +253,13 @@ class NonFiniteRule(Rule):
         return {"max_nonfinite_ranks": 0}
 
     def condition(self, values) -> bool:
-        return any(v > 0 for v in values.values())
+        return values.get("nonfinite_loss_ranks", 0) > 0 or values.get("nonfinite_grad_ranks", 0) > 0
 
     def describe(self, values) -> str:
+        first = values.get("first_nonfinite_step", math.inf)
+        where = f", first at step {int(first)}" if math.isfinite(first) else ""
         return (f"non-finite loss on {int(values.get('nonfinite_loss_ranks', 0))} rank(s), "
-                f"non-finite gradients on {int(values.get('nonfinite_grad_ranks', 0))} rank(s)")
+                f"non-finite gradients on {int(values.get('nonfinite_grad_ranks', 0))} rank(s){where}")
 
 
 # ----------------------------------------------------------------------------------------- callback
@@ -363,7 +366,12 @@ class CollapseAlert(Callback):
                            "diagnostics/* only if something else logs them")
         self._seen_step = self._seen_probe_step = -1
         self._train_fresh = False
-        self._bad_loss = self._bad_grad = None
+        self._bad_loss = self._bad_grad = self._first_bad = None
+
+    def _flag(self, bad: Tensor, step: int) -> None:
+        """Remember the first step with a non-finite value, on the device (no host sync)."""
+        at = torch.where(bad, float(step), math.inf)
+        self._first_bad = at if self._first_bad is None else torch.minimum(self._first_bad, at)
 
     # --------------------------------------------------------------------------------------- hooks
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer) -> None:
@@ -373,12 +381,14 @@ class CollapseAlert(Callback):
         if grads:
             bad = ~torch.isfinite(torch.nn.utils.get_total_norm(grads, norm_type=2.0))
             self._bad_grad = bad if self._bad_grad is None else self._bad_grad | bad
+            self._flag(bad, trainer.global_step + 1)  # the step this optimizer update completes
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
         loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
         if self.nonfinite is not None and isinstance(loss, Tensor):
             bad = ~torch.isfinite(loss.detach()).all()  # no sync: read at the next check
             self._bad_loss = bad if self._bad_loss is None else self._bad_loss | bad
+            self._flag(bad, trainer.global_step)
         if trainer._logger_connector.should_update_logs:  # the module logged train/* at this step
             self._train_fresh = True
         every = self.check_every_n_steps or max(int(trainer.log_every_n_steps), 1)
@@ -406,15 +416,20 @@ class CollapseAlert(Callback):
 
     def _nonfinite_counts(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, float]:
         flags = torch.zeros(2, dtype=torch.float32, device=pl_module.device)
+        first = torch.full((), math.inf, dtype=torch.float32, device=pl_module.device)
         if self._bad_loss is not None:
             flags[0] = self._bad_loss.float().to(flags.device)
         if self._bad_grad is not None:
             flags[1] = self._bad_grad.float().to(flags.device)
-        self._bad_loss = self._bad_grad = None
+        if self._first_bad is not None:
+            first = self._first_bad.float().to(flags.device)
+        self._bad_loss = self._bad_grad = self._first_bad = None
         if trainer.world_size > 1:  # every rank, at the same steps
             flags = trainer.strategy.reduce(flags, reduce_op="sum")
+            first = -trainer.strategy.reduce(-first, reduce_op="max")  # the earliest over ranks
         loss_ranks, grad_ranks = flags.tolist()
-        return {"nonfinite_loss_ranks": loss_ranks, "nonfinite_grad_ranks": grad_ranks}
+        return {"nonfinite_loss_ranks": loss_ranks, "nonfinite_grad_ranks": grad_ranks,
+                "first_nonfinite_step": float(first)}
 
     def _check(self, trainer: Trainer, pl_module: LightningModule) -> None:
         step = trainer.global_step
@@ -436,7 +451,14 @@ class CollapseAlert(Callback):
         if not stop:
             return
         do_raise = trainer.strategy.reduce_boolean_decision(any(a.action == "raise" for a in fired), all=False)
-        trainer.save_checkpoint(os.path.join(self._log_dir, "checkpoints", f"alert-step{step}.ckpt"))
+        if weights_are_finite(pl_module):
+            trainer.save_checkpoint(os.path.join(self._log_dir, "checkpoints", f"alert-step{step}.ckpt"))
+        else:
+            last = next((c for c in trainer.callbacks if isinstance(c, LastCheckpoint)), None)
+            where = (f"{last.last_model_path} (step {last.last_finite_step}) is the last finite state"
+                     if last is not None and last.last_model_path else "no finite checkpoint was saved")
+            rank_zero_warn(f"CollapseAlert: stopping at step {step} with non-finite weights, so no alert "
+                           f"checkpoint; {where}")
         if do_raise:
             reasons = "; ".join(a.message for a in fired if a.action == "raise")
             raise CollapseAlertError(reasons or f"CollapseAlert: another rank raised at step {step}")

@@ -8,15 +8,18 @@
 
 from __future__ import annotations
 
+import os
 import sys
+import zipfile
 
+import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.cli import ArgsType, LightningCLI
 
 from callbacks.last_checkpoint import LastCheckpoint
 from trm_lightning.data.datamodule import ARCDataModule
-from trm_lightning.errors import TRMError
-from trm_lightning.module import TRMLitModule
+from trm_lightning.errors import ConfigError, TRMError
+from trm_lightning.module import ARCHITECTURE_KEYS, TRMLitModule
 
 DEFAULT_LOGGER = {
     "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
@@ -47,13 +50,66 @@ class TRMCLI(LightningCLI):
         parser.set_defaults({"progress_bar.refresh_rate": 10})
 
 
+    # ------------------------------------------------------------------ checks before any work starts
+    def _parse_ckpt_path(self) -> None:
+        """Check ``--ckpt_path`` before anything runs: it must exist, be a readable checkpoint, and hold a model
+        of the configured architecture (else one clear error).
+
+        This replaces LightningCLI's default, which silently overwrites the config's model arguments with the
+        checkpoint's: here the config stays what the user wrote (a changed ``lr`` for fine-tuning is kept)."""
+        subcommand = self.config.get("subcommand")
+        path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not path or path in ("last", "best", "hpc", "registry"):
+            return
+        if not os.path.isfile(path):
+            raise ConfigError(f"--ckpt_path {path}: no such file")
+        try:
+            with zipfile.ZipFile(path) as archive:
+                bad = archive.testzip()
+        except (zipfile.BadZipFile, OSError) as err:
+            raise ConfigError(f"--ckpt_path {path}: not a readable checkpoint (truncated or corrupted: {err})") from None
+        if bad is not None:
+            raise ConfigError(f"--ckpt_path {path}: corrupted checkpoint (bad CRC in {bad})")
+        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters", {})
+        config = self.config[subcommand]
+        wanted = {k: config["model"].get(k) for k in ARCHITECTURE_KEYS}
+        wanted["canvas_size"] = config["data"]["canvas_size"]  # linked from the data
+        differ = [
+            f"{k}={saved[k]!r} (config: {v!r})"
+            for k, v in wanted.items()
+            if k in saved and v is not None and k != "num_puzzle_ids" and saved[k] != v
+        ]
+        if differ:
+            raise ConfigError(
+                f"--ckpt_path {path}: the checkpoint was trained with another model configuration: "
+                + ", ".join(differ) + "; pass the run's own config.yaml with --config"
+            )
+
+    def _check_run_dir(self) -> None:
+        """A run never writes into an existing run directory (an explicit ``logger.version`` that is taken)."""
+        logger = self.trainer.logger
+        version = getattr(logger, "_version", None)
+        if logger is None or version is None or not hasattr(logger, "root_dir"):
+            return  # no logger, or a fresh version number chosen by the logger
+        name = version if isinstance(version, str) else f"version_{version}"
+        run_dir = os.path.join(logger.root_dir, name)
+        if os.path.isdir(run_dir) and os.listdir(run_dir):
+            raise ConfigError(
+                f"the run directory {run_dir} already holds a run; leave trainer.logger.init_args.version unset "
+                "for a new version directory (resuming with --ckpt_path also logs to a new one)"
+            )
+
+    def before_fit(self) -> None:
+        self._check_run_dir()
+
+
 def build_cli(args: ArgsType = None, run: bool = True) -> TRMCLI:
     """Build (and by default run) the CLI; tests call this with ``args=[...]``."""
     return TRMCLI(
         TRMLitModule,
         ARCDataModule,
         auto_configure_optimizers=False,
-        save_config_kwargs={"overwrite": True},
+        save_config_kwargs={"overwrite": False},  # never over another run's config.yaml
         seed_everything_default=0,
         trainer_defaults={"logger": DEFAULT_LOGGER},
         parser_kwargs={"description": "Encoder-based Tiny Recursive Models on ARC-AGI (PyTorch Lightning)."},

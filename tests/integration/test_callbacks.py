@@ -178,7 +178,8 @@ def test_slowly_drifting_encoder_fires_drift(dirs, tmp_path):
 
 def test_nan_loss_fires_nonfinite_and_stops(dirs, tmp_path):
     train_dir, eval_dir = dirs
-    cli = build_tiny(train_dir, eval_dir, tmp_path, "--trainer.max_steps=6", *NO_VAL)
+    cli = build_tiny(train_dir, eval_dir, tmp_path, "--trainer.max_steps=6", "--last_checkpoint.every_n_train_steps=1",
+                     *NO_VAL)
     step = cli.model.training_step
 
     def poisoned(batch, batch_idx):
@@ -189,13 +190,23 @@ def test_nan_loss_fires_nonfinite_and_stops(dirs, tmp_path):
 
     cli.model.training_step = poisoned
     cli.trainer.callbacks.append(CollapseAlert(check_every_n_steps=2))
-    cli.trainer.fit(cli.model, cli.datamodule)
+    with pytest.warns(UserWarning) as warned:
+        cli.trainer.fit(cli.model, cli.datamodule)
     records = _alerts(cli.trainer.log_dir)
     assert [r["rule"] for r in records] == ["nonfinite"]
     assert records[0]["step"] == 4  # the first check after the NaN step
-    assert records[0]["values"] == {"nonfinite_loss_ranks": 1.0, "nonfinite_grad_ranks": 1.0}
+    assert records[0]["values"] == {"nonfinite_loss_ranks": 1.0, "nonfinite_grad_ranks": 1.0,
+                                    "first_nonfinite_step": 3.0}
+    assert "first at step 3" in records[0]["message"]
     assert cli.trainer.global_step == 4
-    assert os.path.exists(os.path.join(cli.trainer.log_dir, "checkpoints", "alert-step4.ckpt"))
+    # no checkpoint of the NaN weights; last.ckpt keeps step 2, the last finite state, and the run says so
+    ckpt_dir = os.path.join(cli.trainer.log_dir, "checkpoints")
+    assert sorted(os.listdir(ckpt_dir)) == ["last.ckpt"]
+    last = torch.load(os.path.join(ckpt_dir, "last.ckpt"), weights_only=False)
+    assert last["global_step"] == 2
+    assert all(torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point())
+    messages = [str(w.message) for w in warned]
+    assert any("last.ckpt (step 2) is the last finite state" in m for m in messages), messages
 
 
 # ------------------------------------------------------------------------------ context reliance
