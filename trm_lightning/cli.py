@@ -89,10 +89,11 @@ class TRMCLI(LightningCLI):
         """A run never writes into an existing run directory (an explicit ``logger.version`` that is taken)."""
         logger = self.trainer.logger
         version = getattr(logger, "_version", None)
-        if logger is None or version is None or not hasattr(logger, "root_dir"):
-            return  # no logger, or a fresh version number chosen by the logger
+        root = getattr(logger, "root_dir", None)
+        if version is None or not isinstance(root, (str, os.PathLike)):
+            return  # no logger (or fast_dev_run's dummy), or a fresh version number chosen by the logger
         name = version if isinstance(version, str) else f"version_{version}"
-        run_dir = os.path.join(logger.root_dir, name)
+        run_dir = os.path.join(root, name)
         if os.path.isdir(run_dir) and os.listdir(run_dir):
             raise ConfigError(
                 f"the run directory {run_dir} already holds a run; leave trainer.logger.init_args.version unset "

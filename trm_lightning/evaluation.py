@@ -37,12 +37,12 @@ from typing import Any
 import numpy as np
 
 from trm_lightning.data.arc import MAX_GRID_SIDE, ArcTask
-from trm_lightning.data.augment import Augmentation, augmentation_for
+from trm_lightning.data.augment import TRM_NUM_AUGMENTATIONS, Augmentation, augmentation_for, evaluation_augmentations
 from trm_lightning.data.tokenize import crop_canvas
 
 DEFAULT_K_VALUES = (1, 2, 5, 10)
-TRM_NUM_AUGMENTATIONS = 1000
 _STATE_VERSION = 1
+__all__ = ["ARCVoteEvaluator", "PassAtK", "TRM_NUM_AUGMENTATIONS", "evaluation_augmentations", "validate_submission"]
 
 # a distinct predicted grid: (height, width, row-major uint8 bytes); hashable, picklable, and enough to
 # rebuild the grid
@@ -490,39 +490,3 @@ def validate_submission(obj: Any, tasks: Sequence[ArcTask]) -> None:
                 raise ValueError(f"{where}: {'; '.join(problems)}")
             for attempt in ("attempt_1", "attempt_2"):
                 _check_grid(entry[attempt], f"{where} {attempt}")
-
-
-def evaluation_augmentations(mode: str | int, *, start: int = 1) -> list[int]:
-    """Augmentation indices for each evaluation query: index 0 (the original) first.
-
-    Args:
-        mode: ``"identity"`` (or ``"none"``): ``[0]``; an integer ``n`` (or its string): the original plus
-            ``n - 1`` augmentations; ``"trm"``: TRM's 1000.
-        start: first index of the augmented versions (choose one past the training range to use versions
-            never seen in training).
-
-    Augmentation ``i`` draws its dihedral transform and colour map per task (see
-    :func:`~trm_lightning.data.augment.augmentation_for`), so ``n = 8`` is 8 versions, not the 8 dihedral
-    transforms exactly.
-    """
-    if isinstance(mode, bool):
-        raise ValueError(f"evaluation augmentations: unknown mode {mode!r}")
-    if isinstance(mode, str):
-        name = mode.strip().lower()
-        if name in ("identity", "none"):
-            n = 1
-        elif name == "trm":
-            n = TRM_NUM_AUGMENTATIONS
-        elif name.isdigit():
-            n = int(name)
-        else:
-            raise ValueError(f"evaluation augmentations: unknown mode {mode!r} (identity, trm, or a count)")
-    elif isinstance(mode, int):
-        n = mode
-    else:
-        raise ValueError(f"evaluation augmentations: unknown mode {mode!r}")
-    if n < 1:
-        raise ValueError(f"evaluation augmentations: need at least 1, got {n}")
-    if start < 1:
-        raise ValueError(f"evaluation augmentations: start must be >= 1, got {start}")
-    return [0, *range(start, start + n - 1)]

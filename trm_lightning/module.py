@@ -313,6 +313,28 @@ class TRMLitModule(LightningModule):
                 print(r, flush=True)
             print(f"votes from {len(evaluator)} rows; wrote {paths['submission']} and {paths['details']}", flush=True)
 
+    # ---------------------------------------------------------------------------------------- prediction
+    def on_predict_epoch_start(self) -> None:
+        dm = self.trainer.datamodule
+        self._evaluator = ARCVoteEvaluator(dm.eval_tasks, seed=dm.seed)
+
+    def predict_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Votes only: nothing is returned, so Lightning keeps no predictions in memory."""
+        logits, q, _ = self.rollout(batch)
+        self._evaluator.add_batch(
+            batch["task_index"], batch["query_index"], batch["aug_index"], logits.argmax(-1), q[:, 0]
+        )
+
+    def on_predict_epoch_end(self) -> None:
+        evaluator, self._evaluator = self._evaluator, None
+        evaluator.gather(self.trainer.strategy)  # every rank: one all_gather of the votes
+        out_dir = self.trainer.log_dir or "."  # a broadcast under DDP: every rank
+        if self.trainer.is_global_zero:
+            paths = evaluator.write(out_dir)
+            tasks = len(evaluator.evaluated_task_indices)
+            print(f"predict: {tasks} tasks, votes from {len(evaluator)} rows; wrote {paths['submission']} "
+                  f"and {paths['details']}", flush=True)
+
     # ---------------------------------------------------------------------------------------- optimiser
     def on_before_optimizer_step(self, optimizer) -> None:
         """The puzzle table's SignSGD step, at the lr factor the scheduler gives the TRM group now."""

@@ -377,7 +377,7 @@ def test_evaluation_augmentations():
     assert evaluation_augmentations(8) == list(range(8))
     assert evaluation_augmentations("8", start=1000) == [0, *range(1000, 1007)]
     assert len(evaluation_augmentations("trm")) == 1000
-    for bad in (0, "dihedral", True):
+    for bad in (0, "dihedral_x", True):
         with pytest.raises(ValueError):
             evaluation_augmentations(bad)
 
@@ -417,3 +417,20 @@ def test_gather_across_two_gloo_processes(tmp_path):
     for rank in range(2):
         with open(tmp_path / f"rank{rank}.pkl", "rb") as f:
             assert pickle.load(f) == _summary(full)
+
+
+def test_named_augmentation_modes():
+    from trm_lightning.data.augment import augmentation_for
+    from trm_lightning.evaluation import evaluation_augmentations
+
+    assert evaluation_augmentations("identity") == [0]
+    dihedral = [augmentation_for(0, "task", i) for i in evaluation_augmentations("dihedral")]
+    assert [a.dihedral for a in dihedral] == list(range(8))
+    assert all(a.colour_perm == tuple(range(10)) for a in dihedral)
+    by_colour = [augmentation_for(0, "task", i) for i in evaluation_augmentations("dihedral_x3")]
+    assert len(by_colour) == 24 and len({(a.dihedral, a.colour_perm) for a in by_colour}) == 24
+    assert by_colour[0].is_identity and sum(a.colour_perm == tuple(range(10)) for a in by_colour) == 8
+    assert len(evaluation_augmentations("trm")) == 1000 and evaluation_augmentations(5) == [0, 1, 2, 3, 4]
+    for bad in ("dihedral_x0", "dihedral_xk", "sideways", 0):
+        with pytest.raises(ValueError):
+            evaluation_augmentations(bad)

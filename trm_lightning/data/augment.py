@@ -1,5 +1,10 @@
 """Puzzle augmentations: dihedral transform x permutation of colours 1..9 (black stays), plus translation.
 
+Indices below :data:`STRUCTURED_BASE` draw the dihedral transform and the colour map at random; indices from
+:data:`STRUCTURED_BASE` on name them: ``STRUCTURED_BASE + 8 * c + t`` is dihedral transform ``t`` with colour
+map ``c`` (``c = 0``: colours unchanged; ``c >= 1``: a random map drawn from ``(seed, task, c)``), which is
+how evaluation asks for exactly the 8 dihedral versions, or 8 x k versions (:func:`structured_index`).
+
 Augmentation ``i`` of task ``t`` is a pure function of ``(seed, t, i)``, so training, evaluation and voting
 all agree on it without storing anything; index 0 is always the identity (the original puzzle).
 """
@@ -12,6 +17,9 @@ from dataclasses import dataclass
 import numpy as np
 
 NUM_DIHEDRAL = 8
+TRM_NUM_AUGMENTATIONS = 1000  # versions per test input that TRM's evaluation votes over
+STRUCTURED_BASE = 1_000_000_000  # augmentation indices from here on name (colour map, dihedral) explicitly
+_COLOUR_SALT = 0x636F6C72  # "colr": structured colour maps are independent of the random indices' draws
 INVERSE_DIHEDRAL = (0, 3, 2, 1, 4, 5, 6, 7)
 _TRANSLATION_SALT = 0x7472616E  # "tran": keeps offsets independent of the dihedral/colour draw
 
@@ -96,10 +104,26 @@ def _task_key(task_id: str) -> int:
     return zlib.crc32(task_id.encode("utf-8"))
 
 
+def structured_index(dihedral_t: int, colour_map: int) -> int:
+    """The augmentation index of dihedral transform ``dihedral_t`` with colour map ``colour_map`` (0 = colours
+    unchanged); ``(0, 0)`` is index 0, the original puzzle."""
+    if not 0 <= dihedral_t < NUM_DIHEDRAL or colour_map < 0:
+        raise ValueError(f"need 0 <= dihedral_t < 8 and colour_map >= 0, got {dihedral_t}, {colour_map}")
+    if dihedral_t == 0 and colour_map == 0:
+        return 0
+    return STRUCTURED_BASE + NUM_DIHEDRAL * colour_map + dihedral_t
+
+
 def augmentation_for(seed: int, task_id: str, aug_index: int) -> Augmentation:
     """Augmentation number ``aug_index`` of ``task_id``: a pure function of its arguments; 0 is the identity."""
     if aug_index == 0:
         return Augmentation.identity()
+    if aug_index >= STRUCTURED_BASE:
+        colour_map, t = divmod(aug_index - STRUCTURED_BASE, NUM_DIHEDRAL)
+        if colour_map == 0:
+            return Augmentation(t, tuple(range(10)))
+        rng = np.random.default_rng([seed, _task_key(task_id), colour_map, _COLOUR_SALT])
+        return Augmentation(t, (0, *(int(c) + 1 for c in rng.permutation(9))))
     rng = np.random.default_rng([seed, _task_key(task_id), aug_index])
     t = int(rng.integers(0, NUM_DIHEDRAL))
     colours = rng.permutation(9) + 1
@@ -122,3 +146,45 @@ def translation_for(
     row = int(rng.integers(0, canvas_size - max_h + 1))
     col = int(rng.integers(0, canvas_size - max_w + 1))
     return (row, col)
+
+
+def evaluation_augmentations(mode: str | int, *, start: int = 1) -> list[int]:
+    """Augmentation indices for each evaluation query: index 0 (the original) first.
+
+    Args:
+        mode: ``"identity"`` (or ``"none"``): ``[0]``; ``"dihedral"``: the 8 dihedral transforms, colours
+            unchanged; ``"dihedral_x<k>"`` (e.g. ``dihedral_x4``): the 8 dihedral transforms under each of ``k``
+            colour maps, the first being the identity (8k versions); an integer ``n`` (or its string): the
+            original plus ``n - 1`` random versions (random dihedral transform and colour map each); ``"trm"``:
+            TRM's 1000 random versions.
+        start: first index of the random versions (the puzzle-id baseline has vectors for indices below
+            ``num_train_augmentations`` only).
+    """
+    if isinstance(mode, bool):
+        raise ValueError(f"evaluation augmentations: unknown mode {mode!r}")
+    if start < 1:
+        raise ValueError(f"evaluation augmentations: start must be >= 1, got {start}")
+    if isinstance(mode, str):
+        name = mode.strip().lower()
+        if name in ("identity", "none"):
+            n = 1
+        elif name == "trm":
+            n = TRM_NUM_AUGMENTATIONS
+        elif name == "dihedral" or name.startswith("dihedral_x"):
+            k = 1 if name == "dihedral" else name[len("dihedral_x"):]
+            if not str(k).isdigit() or int(k) < 1:
+                raise ValueError(f"evaluation augmentations: {mode!r} needs a count of colour maps >= 1, e.g. dihedral_x4")
+            return [structured_index(t, c) for c in range(int(k)) for t in range(NUM_DIHEDRAL)]
+        elif name.isdigit():
+            n = int(name)
+        else:
+            raise ValueError(
+                f"evaluation augmentations: unknown mode {mode!r} (identity, dihedral, dihedral_x<k>, trm, or a count)"
+            )
+    elif isinstance(mode, int):
+        n = mode
+    else:
+        raise ValueError(f"evaluation augmentations: unknown mode {mode!r}")
+    if n < 1:
+        raise ValueError(f"evaluation augmentations: need at least 1, got {n}")
+    return [0, *range(start, start + n - 1)]

@@ -12,6 +12,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, default_collate
 
 from trm_lightning.data.arc import ArcTask, load_source
+from trm_lightning.data.augment import evaluation_augmentations
 from trm_lightning.data.episodes import (
     EpisodeDataset,
     EpisodeKey,
@@ -49,8 +50,10 @@ class ARCDataModule(lightning.LightningDataModule):
         num_train_augmentations: training draws augmentation indices in ``0..n-1`` (0 is the original).
         val_augmentations: augmentations per evaluation query (index 0, the original, comes first).
         val_seen_puzzles: training tasks in the ``val_seen`` view; 0 turns it off.
-        test_augmentations: augmentations per held-out query in ``trm test`` (votes are pooled over them;
-            index 0, the original, comes first; TRM votes over ~1000).
+        test_augmentations: the versions of each held-out query that ``trm test`` and ``trm predict`` vote
+            over: a count n (the original + n-1 random versions), ``identity``, ``dihedral`` (the 8
+            dihedral transforms), ``dihedral_x<k>`` (8 x k: each dihedral under k colour maps) or ``trm``
+            (TRM's 1000).
         translate: place training episodes at a random offset on the canvas (not the original version).
         leave_one_out_prob: probability that a training episode uses one of its demos as the query.
         train_on_eval_demos: TRM's protocol: also train on the demo pairs of the evaluation tasks (as
@@ -76,7 +79,7 @@ class ARCDataModule(lightning.LightningDataModule):
         num_train_augmentations: int = 1000,
         val_augmentations: int = 1,
         val_seen_puzzles: int = 32,
-        test_augmentations: int = 8,
+        test_augmentations: int | str = 8,
         translate: bool = False,
         leave_one_out_prob: float = 0.0,
         train_on_eval_demos: bool = False,
@@ -99,7 +102,6 @@ class ARCDataModule(lightning.LightningDataModule):
             (num_train_augmentations >= 1, f"num_train_augmentations must be >= 1, got {num_train_augmentations}"),
             (val_augmentations >= 1, f"val_augmentations must be >= 1, got {val_augmentations}"),
             (val_seen_puzzles >= 0, f"val_seen_puzzles must be >= 0, got {val_seen_puzzles}"),
-            (test_augmentations >= 1, f"test_augmentations must be >= 1, got {test_augmentations}"),
             (0.0 <= leave_one_out_prob <= 1.0, f"leave_one_out_prob must be in [0, 1], got {leave_one_out_prob}"),
             (num_workers >= 0, f"num_workers must be >= 0, got {num_workers}"),
             (seed >= 0 and puzzle_subset_seed >= 0, "seed and puzzle_subset_seed must be >= 0"),
@@ -107,6 +109,10 @@ class ARCDataModule(lightning.LightningDataModule):
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        try:
+            self.test_aug_indices = evaluation_augmentations(test_augmentations)
+        except ValueError as err:
+            raise ConfigError(f"data.test_augmentations: {err}") from None
         self.save_hyperparameters()
         self.train_source = train_source
         self.eval_source = eval_source
@@ -327,7 +333,7 @@ class ARCDataModule(lightning.LightningDataModule):
     def _eval_batch_size(self) -> int:
         return self.eval_batch_size if self.eval_batch_size is not None else self.local_batch_size
 
-    def _heldout_loader(self, num_augmentations: int | None = None) -> DataLoader:
+    def _heldout_loader(self, aug_indices: list[int] | None = None, include_unlabelled: bool = False) -> DataLoader:
         dataset = EpisodeDataset(
             self.eval_tasks,
             self.canvas_size,
@@ -336,7 +342,8 @@ class ARCDataModule(lightning.LightningDataModule):
             puzzle_id_base=len(self.train_tasks),
             puzzle_id_augmentations=self.num_train_augmentations if self.train_on_eval_demos else 0,
         )
-        keys = eval_keys(self.eval_tasks, range(num_augmentations or self.val_augmentations))
+        augs = aug_indices if aug_indices is not None else list(range(self.val_augmentations))
+        keys = eval_keys(self.eval_tasks, augs, include_unlabelled=include_unlabelled)
         return self._loader(KeyedEpisodes(dataset, keys), self._eval_batch_size(), shuffle=False)
 
     def val_seen_task_indices(self) -> list[int]:
@@ -394,4 +401,10 @@ class ARCDataModule(lightning.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         self.setup()
-        return self._heldout_loader(self.test_augmentations)
+        return self._heldout_loader(self.test_aug_indices)
+
+    def predict_dataloader(self) -> DataLoader:
+        """Every test input of the evaluation tasks, with or without a known output, under the
+        ``test_augmentations`` versions (``trm predict`` writes a submission from their votes)."""
+        self.setup()
+        return self._heldout_loader(self.test_aug_indices, include_unlabelled=True)
