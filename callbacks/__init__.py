@@ -5,7 +5,8 @@ from callbacks.context_reliance import ContextReliance
 from callbacks.encoder_diagnostics import EncoderDiagnostics
 from callbacks.grad_norms import GradNorms
 from callbacks.grid_images import GridImages
+from callbacks.run_status import RunStatus
 from callbacks.run_summary import RunSummary
 
-__all__ = ["CollapseAlert", "CollapseAlertError", "ContextReliance", "EncoderDiagnostics", "GradNorms", "RunSummary",
-           "GridImages"]
+__all__ = ["CollapseAlert", "CollapseAlertError", "ContextReliance", "EncoderDiagnostics", "GradNorms", "RunStatus",
+           "RunSummary", "GridImages"]
