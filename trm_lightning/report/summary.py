@@ -102,7 +102,11 @@ def run_status(run: Run, now: float, stale_after_s: float) -> tuple[str, str]:
 
 
 def _duration(seconds: float) -> str:
-    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def _steps_and_wall(run: Run, now: float) -> tuple[int | None, float | None]:
