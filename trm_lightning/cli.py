@@ -6,8 +6,8 @@
 adds to them instead of silently dropping them.
 
 Besides ``config.yaml`` (resolved values), every run directory gets ``experiment.json``: the ``--config`` files
-in order and the hypothesis line (the first line of the last of them that opens with a ``#`` comment, as every
-``configs/experiments/*.yaml`` does), and ``status.json`` (:class:`callbacks.run_status.RunStatus`).
+in order and the hypothesis line (:func:`pick_hypothesis`: the opening comment line of the last experiment overlay,
+as every ``configs/experiments/*.yaml`` has), and ``status.json`` (:class:`callbacks.run_status.RunStatus`).
 ``trm report RUNS_DIR`` (:mod:`trm_lightning.report`) reads them; ``main`` hands it ``report`` before
 LightningCLI parses anything.
 """
@@ -57,6 +57,19 @@ def hypothesis_line(path: str | os.PathLike) -> str | None:
     return first.lstrip("#").strip() or None
 
 
+def pick_hypothesis(config_files: list[str]) -> str | None:
+    """The hypothesis of a run from its ``--config`` files (in order): the opening comment line of the last file in a
+    folder named ``experiments``; without one, of the last file not in a ``trainer`` folder (presets say how a run
+    runs, not what it tests) that opens with a comment; else None."""
+    def last_line(paths: list[str]) -> str | None:
+        lines = [h for h in map(hypothesis_line, paths) if h]
+        return lines[-1] if lines else None
+
+    folders = [Path(f).parent.name for f in config_files]
+    return (last_line([f for f, d in zip(config_files, folders) if d == "experiments"])
+            or last_line([f for f, d in zip(config_files, folders) if d != "trainer"]))
+
+
 class RecordingSaveConfig(SaveConfigCallback):
     """LightningCLI's config saver, which also writes ``experiment.json`` (``--config`` files, hypothesis)."""
 
@@ -72,8 +85,7 @@ class RecordingSaveConfig(SaveConfigCallback):
         if self._log_dir is None:
             return
         files = [getattr(p, "absolute", None) or os.path.abspath(str(p)) for p in (self.config.get("config") or [])]
-        hypotheses = [h for h in map(hypothesis_line, files) if h]
-        record = {"stage": stage, "config_files": files, "hypothesis": hypotheses[-1] if hypotheses else None}
+        record = {"stage": stage, "config_files": files, "hypothesis": pick_hypothesis(files)}
         Path(self._log_dir, EXPERIMENT_FILE).write_text(json.dumps(record, indent=1) + "\n")
 
 

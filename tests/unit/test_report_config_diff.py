@@ -1,8 +1,11 @@
-"""Config flattening and the Change column of ``trm report``: callbacks keyed by class, whole sections as one change."""
+"""The parts of ``trm report`` that need no run: the Change column (callbacks keyed by class, whole sections as one
+change, log locations ignored), the hypothesis line a run records, the natural order of run ids."""
 
 from __future__ import annotations
 
-from trm_lightning.cli import hypothesis_line
+from pathlib import Path
+
+from trm_lightning.cli import hypothesis_line, pick_hypothesis
 from trm_lightning.report.config_diff import config_diff, flatten_config
 from trm_lightning.report.runs import natural_key
 
@@ -58,6 +61,18 @@ def test_hypothesis_line(tmp_path):
     assert hypothesis_line(tmp_path / "saved.yaml") is None  # LightningCLI's version stamp
     assert hypothesis_line(tmp_path / "plain.yaml") is None
     assert hypothesis_line(tmp_path / "missing.yaml") is None
+
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+def test_the_hypothesis_is_the_experiment_overlays_line_whatever_the_order():
+    base, e2 = str(CONFIGS / "arc1" / "encoder_trm.yaml"), str(CONFIGS / "experiments" / "E2_lr.yaml")
+    gpu, demo = str(CONFIGS / "trainer" / "gpu.yaml"), str(CONFIGS / "demo.yaml")
+    e2_line = "E2 H2 (learning rate causes distribution shift): lr 1e-4 -> 3e-5."
+    assert pick_hypothesis([base, e2, gpu]) == pick_hypothesis([base, gpu, e2]) == e2_line
+    assert pick_hypothesis([demo, gpu]) == hypothesis_line(demo)  # a trainer preset is never the hypothesis
+    assert pick_hypothesis([gpu]) is None and pick_hypothesis([]) is None
 
 
 def test_natural_order():

@@ -99,7 +99,7 @@ def markdown(rows: Sequence[Row], skipped: Sequence[Skipped], baseline: str | No
     """The whole ``report.md``."""
     lines = [f"# Experiment report: `{runs_dir}`", ""]
     lines += [f"{len(rows)} run(s); baseline for the Change column: `{baseline or '-'}`. Steps are optimizer steps. "
-              "Hypotheses come from each run's experiment.json (the first comment line of its last --config file).", ""]
+              "Hypotheses come from each run's experiment.json (the opening comment line of its experiment overlay).", ""]
     lines += _table(["ID", "Hypothesis", "Change", "Status", "Result", "Notes"], [
         (r.run, r.hypothesis or "-", change_text(r, MAX_CHANGES_MD), status_text(r), result_text(r), notes_text(r))
         for r in rows])
