@@ -134,7 +134,7 @@ def main(args: ArgsType = None) -> None:
     :func:`trm_lightning.report.main` (not a LightningCLI subcommand: it trains nothing)."""
     argv = sys.argv[1:] if args is None else args
     try:
-        if isinstance(argv, (list, tuple)) and argv[:1] == ["report"]:
+        if isinstance(argv, (list, tuple)) and list(argv[:1]) == ["report"]:
             from trm_lightning.report import main as report_main
 
             report_main(list(argv[1:]))

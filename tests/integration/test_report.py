@@ -85,6 +85,9 @@ def runs(tmp_path_factory, synthetic_task_dir, synthetic_eval_dir):
             if name == "R2_crash":
                 with pytest.raises(RuntimeError, match="injected failure"):
                     cli.trainer.fit(cli.model, cli.datamodule)
+            elif name == "R1_collapse":
+                with pytest.warns(UserWarning, match=r"representation_collapse\] at step 2"):
+                    cli.trainer.fit(cli.model, cli.datamodule)
             else:
                 cli.trainer.fit(cli.model, cli.datamodule)
         ckpt = runs_dir / "R0_base" / "version_0" / "checkpoints" / "last.ckpt"

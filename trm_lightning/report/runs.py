@@ -31,6 +31,7 @@ EVAL_DETAILS_FILE = "eval_details.json"
 EVENTS_PREFIX = "events.out.tfevents."
 RUN_FILES = (CONFIG_FILE, EXPERIMENT_FILE, STATUS_FILE, ALERTS_FILE, EVAL_DETAILS_FILE)
 VERSION_DIR = re.compile(r"version_\d+$")
+REPORT_FILES = {"report.md", "report.csv"}  # a folder holding both is a report's output, never scanned
 
 Series = list[tuple[int, float]]
 
@@ -82,7 +83,7 @@ def _is_run_dir(path: Path, files: list[str]) -> bool:
 
 def discover(runs_dir: Path, exclude: tuple[Path, ...] = ()) -> tuple[list[Path], list[Skipped]]:
     """Run directories under ``runs_dir`` (not descending into them), and the files and empty folders met outside
-    any run. Hidden entries and the ``exclude`` folders (the report's own output) are passed over silently."""
+    any run. Hidden entries, the ``exclude`` folders and earlier reports' folders are passed over silently."""
     excluded = {p.resolve() for p in exclude}
     if _is_run_dir(runs_dir, [p.name for p in runs_dir.iterdir() if p.is_file()]):
         return [runs_dir], []  # pointed at one run
@@ -93,6 +94,9 @@ def discover(runs_dir: Path, exclude: tuple[Path, ...] = ()) -> tuple[list[Path]
         dirnames[:] = sorted((d for d in dirnames if not d.startswith(".") and (here / d).resolve() not in excluded),
                              key=natural_key)
         files = sorted(f for f in filenames if not f.startswith("."))
+        if REPORT_FILES <= set(files):  # an earlier report's output folder
+            dirnames[:] = []
+            continue
         if here != runs_dir and _is_run_dir(here, files):
             found.append(here)
             dirnames[:] = []
