@@ -4,8 +4,9 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 CONFIG ?= configs/demo.yaml
+RUNS   ?= runs
 
-.PHONY: install test test-full demo overfit bench print-config tensorboard clean
+.PHONY: install test test-full demo overfit bench print-config tensorboard report clean
 
 install: $(STAMP)
 
@@ -41,6 +42,9 @@ print-config: install  ## the resolved config of CONFIG (default: the demo)
 
 tensorboard: install  ## serve the logs under runs/
 	$(BIN)/tensorboard --logdir runs --bind_all
+
+report: install  ## tracking table + plots of every run under RUNS (default runs/) into RUNS/report/; BASELINE=<name/version_n>
+	$(BIN)/trm report $(RUNS) $(if $(BASELINE),--baseline $(BASELINE))
 
 clean:
 	rm -rf runs lightning_logs .pytest_cache

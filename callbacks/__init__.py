@@ -6,8 +6,8 @@ from callbacks.encoder_diagnostics import EncoderDiagnostics
 from callbacks.grad_norms import GradNorms
 from callbacks.grid_images import GridImages
 from callbacks.last_checkpoint import LastCheckpoint
+from callbacks.run_status import RunStatus
 from callbacks.run_summary import RunSummary
 
-__all__ = ["CollapseAlert", "CollapseAlertError", "ContextReliance", "EncoderDiagnostics", "GradNorms", "RunSummary",
-           "GridImages",
-           "LastCheckpoint"]
+__all__ = ["CollapseAlert", "CollapseAlertError", "ContextReliance", "EncoderDiagnostics", "GradNorms", "GridImages",
+           "LastCheckpoint", "RunStatus", "RunSummary"]

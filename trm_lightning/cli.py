@@ -3,28 +3,94 @@
 ``trm fit --config configs/demo.yaml``, ``trm fit --config a.yaml --config b.yaml --model.lr 3e-5``,
 ``trm fit --config configs/demo.yaml --print_config``. Always-on callbacks are their own config sections
 (``checkpoint:`` best validation, ``last_checkpoint:`` last.ckpt for resuming, ``lr_monitor:``,
-``progress_bar:``) so a ``trainer.callbacks`` list in a YAML adds to them instead of silently dropping them.
+``progress_bar:``, ``run_status:``) so a ``trainer.callbacks`` list in a YAML adds to them instead of silently
+dropping them.
+
+Besides ``config.yaml`` (resolved values), every run directory gets ``experiment.json``: the ``--config`` files
+in order and the hypothesis line (:func:`pick_hypothesis`: the opening comment line of the last experiment overlay,
+as every ``configs/experiments/*.yaml`` has), and ``status.json`` (:class:`callbacks.run_status.RunStatus`).
+``trm report RUNS_DIR`` (:mod:`trm_lightning.report`) reads them; ``main`` hands it ``report`` before
+LightningCLI parses anything.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import sys
 import zipfile
+from pathlib import Path
 
 import torch
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
-from lightning.pytorch.cli import ArgsType, LightningCLI
+from lightning.pytorch.cli import ArgsType, LightningCLI, SaveConfigCallback
 
 from callbacks.last_checkpoint import LastCheckpoint
+from callbacks.run_status import RunStatus
 from trm_lightning.data.datamodule import ARCDataModule
 from trm_lightning.errors import ConfigError, TRMError
 from trm_lightning.module import ARCHITECTURE_KEYS, TRMLitModule
+from trm_lightning.report.runs import EXPERIMENT_FILE
 
 DEFAULT_LOGGER = {
     "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
     "init_args": {"save_dir": "runs", "name": "trm", "default_hp_metric": False},
 }
+
+
+LIGHTNING_STAMP = re.compile(r"#\s*(lightning|pytorch_lightning|lightning\.pytorch)==")
+DESCRIPTION = (
+    "Encoder-based Tiny Recursive Models on ARC-AGI (PyTorch Lightning). "
+    "Also: `trm report RUNS_DIR [--baseline RUN] [--out DIR]` writes the experiment-tracking table "
+    "(report.md, report.csv) and plots from the runs' logs (`trm report --help`)."
+)
+
+
+def hypothesis_line(path: str | os.PathLike) -> str | None:
+    """The first line of a YAML file without its leading ``#``, when that line is a comment; else None. The
+    version stamp LightningCLI writes atop a saved ``config.yaml`` (``# lightning.pytorch==2.6.6``) is not one."""
+    try:
+        with open(path) as f:
+            first = f.readline().strip()
+    except OSError:
+        return None
+    if not first.startswith("#") or LIGHTNING_STAMP.match(first):
+        return None
+    return first.lstrip("#").strip() or None
+
+
+def pick_hypothesis(config_files: list[str]) -> str | None:
+    """The hypothesis of a run from its ``--config`` files (in order): the opening comment line of the last file in a
+    folder named ``experiments``; without one, of the last file not in a ``trainer`` folder (presets say how a run
+    runs, not what it tests) that opens with a comment; else None."""
+    def last_line(paths: list[str]) -> str | None:
+        lines = [h for h in map(hypothesis_line, paths) if h]
+        return lines[-1] if lines else None
+
+    folders = [Path(f).parent.name for f in config_files]
+    return (last_line([f for f, d in zip(config_files, folders) if d == "experiments"])
+            or last_line([f for f, d in zip(config_files, folders) if d != "trainer"]))
+
+
+class RecordingSaveConfig(SaveConfigCallback):
+    """LightningCLI's config saver, which also writes ``experiment.json`` (``--config`` files, hypothesis)."""
+
+    _log_dir: str | None = None
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if not self.already_saved:
+            self._log_dir = trainer.log_dir  # a broadcast under DDP: every rank, never inside save_config
+        super().setup(trainer, pl_module, stage)
+
+    def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Rank 0 only: write ``experiment.json`` beside ``config.yaml``."""
+        if self._log_dir is None:
+            return
+        files = [getattr(p, "absolute", None) or os.path.abspath(str(p)) for p in (self.config.get("config") or [])]
+        record = {"stage": stage, "config_files": files, "hypothesis": pick_hypothesis(files)}
+        Path(self._log_dir, EXPERIMENT_FILE).write_text(json.dumps(record, indent=1) + "\n")
 
 
 class TRMCLI(LightningCLI):
@@ -48,6 +114,7 @@ class TRMCLI(LightningCLI):
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
         parser.add_lightning_class_args(TQDMProgressBar, "progress_bar")
         parser.set_defaults({"progress_bar.refresh_rate": 10})
+        parser.add_lightning_class_args(RunStatus, "run_status")
 
 
     # ------------------------------------------------------------------ checks before any work starts
@@ -110,10 +177,11 @@ def build_cli(args: ArgsType = None, run: bool = True) -> TRMCLI:
         TRMLitModule,
         ARCDataModule,
         auto_configure_optimizers=False,
+        save_config_callback=RecordingSaveConfig,
         save_config_kwargs={"overwrite": False},  # never over another run's config.yaml
         seed_everything_default=0,
         trainer_defaults={"logger": DEFAULT_LOGGER},
-        parser_kwargs={"description": "Encoder-based Tiny Recursive Models on ARC-AGI (PyTorch Lightning)."},
+        parser_kwargs={"description": DESCRIPTION},
         args=args,
         run=run,
     )
@@ -121,8 +189,15 @@ def build_cli(args: ArgsType = None, run: bool = True) -> TRMCLI:
 
 def main(args: ArgsType = None) -> None:
     """Console entry point: user-facing errors become one ``trm: error: ...`` line (exit status 2), and a
-    failed gate its verdict line (exit status 1), instead of a traceback."""
+    failed gate its verdict line (exit status 1), instead of a traceback. ``trm report ...`` goes to
+    :func:`trm_lightning.report.main` (not a LightningCLI subcommand: it trains nothing)."""
+    argv = sys.argv[1:] if args is None else args
     try:
+        if isinstance(argv, (list, tuple)) and list(argv[:1]) == ["report"]:
+            from trm_lightning.report import main as report_main
+
+            report_main(list(argv[1:]))
+            return
         build_cli(args)
     except TRMError as err:
         print(f"{err.prefix}{err}", file=sys.stderr, flush=True)

@@ -1,0 +1,72 @@
+"""RunStatus: an end marker in the run directory, so a report can tell finished, crashed and running runs apart.
+
+``<log_dir>/status.json`` holds one record per stage the trainer ran in that directory (``fit``, ``validate``,
+``test``, ``predict``), each written on rank 0:
+
+- at ``setup``: ``{"status": "running", "start_time": <unix s>, "pid": ..., "host": ...}``;
+- at ``teardown`` (the stage returned normally): ``"finished"``, ``end_time``, ``global_step`` and
+  ``should_stop`` (True when a callback stopped the run early: a ``stop`` alert, the overfit gate);
+- at ``on_exception``: ``"crashed"`` (``"interrupted"`` for Ctrl-C) with ``error`` = ``"<Type>: <message>"``.
+
+A record still saying ``running`` after its process died (killed, out of memory) is what ``trm report`` calls
+crashed without an end marker. The file is replaced atomically, so a reader never sees half of it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+
+STATUS_FILE = "status.json"
+
+
+def read_status(run_dir: str | os.PathLike) -> dict[str, dict]:
+    """The records of ``<run_dir>/status.json`` by stage; ``{}`` when the file is absent or unreadable."""
+    path = Path(run_dir) / STATUS_FILE
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+class RunStatus(Callback):
+    """Writes ``status.json`` into the run directory when a stage starts, ends, or raises (see module doc)."""
+
+    def __init__(self) -> None:
+        self._log_dir: str | None = None
+        self._stage: str | None = None
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        # trainer.log_dir broadcasts under DDP: read it on every rank here, never in on_exception
+        self._log_dir = None if trainer.fast_dev_run else trainer.log_dir
+        self._stage = stage
+        self._write(trainer, {"status": "running", "start_time": time.time(), "pid": os.getpid(),
+                              "host": socket.gethostname()}, fresh=True)
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._write(trainer, {"status": "finished", "end_time": time.time(), "global_step": int(trainer.global_step),
+                              "should_stop": bool(trainer.should_stop)})
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        status = "interrupted" if isinstance(exception, KeyboardInterrupt) else "crashed"
+        self._write(trainer, {"status": status, "end_time": time.time(), "global_step": int(trainer.global_step),
+                              "error": f"{type(exception).__name__}: {exception}"})
+
+    def _write(self, trainer: Trainer, fields: dict, fresh: bool = False) -> None:
+        """Merge ``fields`` into this stage's record (``fresh``: start a new record) and replace the file."""
+        if self._log_dir is None or self._stage is None or not trainer.is_global_zero:
+            return
+        records = read_status(self._log_dir)
+        records[self._stage] = fields if fresh else {**records.get(self._stage, {}), **fields}
+        os.makedirs(self._log_dir, exist_ok=True)
+        path = os.path.join(self._log_dir, STATUS_FILE)
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(records, f, indent=1, default=str)
+        os.replace(tmp, path)
