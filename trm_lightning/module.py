@@ -19,7 +19,7 @@ from typing import Literal
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.trainer.states import TrainerStatus
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from trm_lightning import resume
@@ -31,7 +31,8 @@ from trm_lightning.metrics import ACTMetrics
 from trm_lightning.models.conditioning import PuzzleEmbedding
 from trm_lightning.models.encoder import StandardDemoEncoder
 from trm_lightning.models.trm import ACTCarry, TinyRecursiveModel
-from trm_lightning.optim import named_param_groups, warmup_cosine
+from trm_lightning.optim import frozen_then, named_param_groups, warmup_cosine
+from trm_lightning.pretrained import load_trm_weights, provenance
 
 VAL_VIEWS = ("val", "val_seen")
 
@@ -39,7 +40,7 @@ VAL_VIEWS = ("val", "val_seen")
 ARCHITECTURE_KEYS = (
     "canvas_size", "hidden_size", "num_heads", "expansion", "L_layers", "puzzle_emb_len", "conditioning",
     "num_puzzle_ids", "encoder_num_layers", "encoder_pooling_method", "encoder_set_layers",
-    "encoder_layer_scale_init", "encoder_norm_style",
+    "encoder_layer_scale_init", "encoder_norm_style", "encoder_transform", "encoder_test_conditioning",
 )
 
 
@@ -62,6 +63,11 @@ class TRMLitModule(LightningModule):
         encoder_set_layers: cross-attention layers of the set encoder over the demos.
         encoder_layer_scale_init: CaiT layer-scale init of the encoder's residual branches (0 = off).
         encoder_norm_style: encoder blocks with post-norm (TRM style) or pre-norm.
+        encoder_transform: what the encoder reads of a demo pair (seed §1): ``concat`` ([input; output], the
+            seed's), ``diff`` (plus per-cell "colour in -> colour out" tokens) or ``cross`` (each grid attends
+            within itself, then to the input grid; the output grid is pooled).
+        encoder_test_conditioning: the set encoder also attends to the encoded test input (the context then
+            depends on the query, not only on the task's demos).
         encoder_crop_buckets: encode only the real cells of each demo pair, sorted into this many length
             buckets (0 = the whole canvas; the output is the same, only the compute differs).
         loss_type: token loss, stablemax (TRM, fp64) or softmax.
@@ -73,6 +79,11 @@ class TRMLitModule(LightningModule):
         beta2: AdamW beta2.
         lr_warmup_steps: linear warmup steps from 0.
         lr_min_ratio: cosine floor as a fraction of lr at the last step; 1.0 = constant after warmup.
+        freeze_trm_steps: the TRM core's learning rate is 0 for this many first optimizer steps (seed H6: train
+            the encoder first); its weights stay bit-identical meanwhile, then follow the normal schedule.
+        freeze_encoder_steps: the same for the conditioner (demo encoder or puzzle table).
+        trm_init_ckpt: initialise the TRM core (``trm.*`` weights) from this checkpoint before training. The
+            run prints what data that checkpoint was trained on and whether it saw this run's evaluation tasks.
         compile: ``torch.compile`` the TRM core's shared net (never the whole module); for GPUs.
         conditioning: what fills the TRM prefix: ``encoder`` (the demo encoder) or ``puzzle_emb`` (the
             original TRM: a learned vector per puzzle id, no demos read; pair it with
@@ -99,6 +110,8 @@ class TRMLitModule(LightningModule):
         encoder_set_layers: int = 1,
         encoder_layer_scale_init: float = 0.0,
         encoder_norm_style: Literal["post", "pre"] = "post",
+        encoder_transform: Literal["concat", "diff", "cross"] = "concat",
+        encoder_test_conditioning: bool = False,
         encoder_crop_buckets: int = 4,
         loss_type: Literal["stablemax", "softmax"] = "stablemax",
         q_halt_loss_weight: float = 0.5,
@@ -109,6 +122,9 @@ class TRMLitModule(LightningModule):
         beta2: float = 0.95,
         lr_warmup_steps: int = 2000,
         lr_min_ratio: float = 1.0,
+        freeze_trm_steps: int = 0,
+        freeze_encoder_steps: int = 0,
+        trm_init_ckpt: str | None = None,
         compile: bool = False,
         conditioning: Literal["encoder", "puzzle_emb"] = "encoder",
         num_puzzle_ids: int = 1,
@@ -143,6 +159,9 @@ class TRMLitModule(LightningModule):
             halt_exploration_prob=halt_exploration_prob,
             compile=compile,
         )
+        # loaded here, not in setup(): EMAWeightAveraging copies the weights in its own setup, which runs first;
+        # a resume (--ckpt_path) restores its checkpoint over these afterwards
+        self._init_data_hparams = load_trm_weights(self.trm, trm_init_ckpt) if trm_init_ckpt else None
         self.train_metrics = ACTMetrics()
         self.train_metrics.persistent(True)  # sums between two log steps survive a resume
         self.val_metrics = torch.nn.ModuleDict({view: ACTMetrics() for view in VAL_VIEWS})
@@ -166,7 +185,16 @@ class TRMLitModule(LightningModule):
             vocab_size=VOCAB_SIZE,
             expansion=hp.expansion,
             crop_buckets=hp.encoder_crop_buckets,
+            transform=hp.encoder_transform,
+            test_conditioning=hp.encoder_test_conditioning,
         )
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self._init_data_hparams is not None:
+            dm = self.trainer.datamodule
+            line, leak = provenance(self._init_data_hparams, dm.eval_source, dm.eval_tasks)
+            message = f"trm_init_ckpt {self.hparams.trm_init_ckpt}: {line}"
+            (rank_zero_warn if leak else rank_zero_info)(message)
 
     # ------------------------------------------------------------------------------------------- pieces
     def encode(self, data: dict[str, Tensor]) -> Tensor:
@@ -174,7 +202,8 @@ class TRMLitModule(LightningModule):
         puzzle-id prefix (``conditioning: puzzle_emb``)."""
         if self.puzzle_emb is not None:
             return self.puzzle_emb(data["puzzle_id"])
-        return self.encoder(data["demo_inputs"], data["demo_outputs"], data["demo_mask"])
+        query = data["inputs"] if self.hparams.encoder_test_conditioning else None
+        return self.encoder(data["demo_inputs"], data["demo_outputs"], data["demo_mask"], query)
 
     def rollout(
         self, batch: dict[str, Tensor], context_fn: Callable[[Tensor], Tensor] | None = None
@@ -343,6 +372,8 @@ class TRMLitModule(LightningModule):
         hp = self.hparams
         trm_lr = next(g["lr"] for g in optimizer.param_groups if g.get("name") == "trm")
         lr = hp.puzzle_emb_lr * trm_lr / hp.lr if hp.lr > 0 else 0.0
+        if self.global_step < hp.freeze_encoder_steps:
+            lr = 0.0
         gather = None
         if self._trainer is not None and self.trainer.world_size > 1:
             gather = lambda t: self.all_gather(t).flatten(0, 1)  # noqa: E731  (world, n, ...) -> (world*n, ...)
@@ -354,5 +385,9 @@ class TRMLitModule(LightningModule):
         groups = named_param_groups(modules, {"encoder": hp.lr * hp.encoder_lr_scale, "trm": hp.lr})
         optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=(hp.beta1, hp.beta2), weight_decay=hp.weight_decay)
         total = int(self.trainer.estimated_stepping_batches)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(hp.lr_warmup_steps, total, hp.lr_min_ratio))
+        base = warmup_cosine(hp.lr_warmup_steps, total, hp.lr_min_ratio)
+        frozen = {"encoder": hp.freeze_encoder_steps, "trm": hp.freeze_trm_steps}
+        # one factor per group, in the groups' order: 0 while the group is frozen, the schedule after
+        factors = [frozen_then(base, frozen[g["name"]]) for g in groups]
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step", "name": "lr"}}

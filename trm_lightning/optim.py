@@ -32,3 +32,15 @@ def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float = 1.0) -
         return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return factor
+
+
+def frozen_then(factor: Callable[[int], float], frozen_steps: int) -> Callable[[int], float]:
+    """``factor`` with the first ``frozen_steps`` steps at 0: a group frozen through its learning rate keeps
+    its weights bit-identical (AdamW's step and decoupled decay both scale with the lr) while the others train."""
+    if frozen_steps < 0:
+        raise ValueError(f"frozen steps must be >= 0, got {frozen_steps}")
+
+    def frozen_factor(step: int) -> float:
+        return 0.0 if step < frozen_steps else factor(step)
+
+    return frozen_factor

@@ -154,3 +154,49 @@ def test_cropped_encoding_equals_the_full_canvas(pooling, norm_style):
         assert (a is None) == (b is None)
         if a is not None:
             assert torch.allclose(a, b, atol=1e-4, rtol=1e-3)
+
+
+def test_diff_transform_reads_colour_in_to_colour_out_per_cell():
+    enc = _encoder(transform="diff", crop_buckets=0)
+    di, do = _real_grids(4)
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    out = enc(di, do, mask)
+    out.square().sum().backward()
+    rows = enc.grid_encoder.diff_embed.weight.grad.abs().sum(1).nonzero().flatten()
+    # the rows that got gradient are exactly the (in, out) token pairs of cells present in both grids
+    both = (di != 0) & (do != 0)
+    pairs = torch.unique((di.long() * 12 + do.long())[both])
+    assert torch.equal(rows, pairs)
+    # with the diff segment, recolouring one output cell changes the context; a concat encoder sees it too,
+    # but only the diff encoder has a token for the change itself
+    assert enc.grid_encoder.rope.cos.shape[0] == 3 * S * S
+
+
+@pytest.mark.parametrize("transform", ["cross", "concat"])
+def test_cross_transform_keeps_the_input_grid_blind_to_the_output(transform):
+    enc = _encoder(transform=transform, crop_buckets=0)
+    di, do = _real_grids(4)
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    seen = []
+    hook = enc.grid_encoder.layers[-1].register_forward_hook(lambda m, i, o: seen.append(o))
+    do2 = do.clone()
+    do2[do2 > 1] = 2 + (do2[do2 > 1] - 1) % 10  # recolour every output cell
+    out1, out2 = enc(di, do, mask), enc(di, do2, mask)
+    hook.remove()
+    inputs_after_self_attention = [h[:, : S * S] for h in seen]
+    blind = torch.allclose(*inputs_after_self_attention, atol=1e-6)
+    assert blind == (transform == "cross")  # cross: grids attend within themselves; concat: across
+    assert not torch.allclose(out1, out2)  # either way the context sees the output grid
+
+
+def test_test_conditioning_makes_the_context_depend_on_the_query():
+    di, do, mask = _demos()
+    q1 = torch.randint(2, 12, (3, S * S), dtype=torch.int32)
+    q2 = torch.randint(2, 12, (3, S * S), dtype=torch.int32)
+    plain = _encoder()
+    assert torch.equal(plain(di, do, mask, q1), plain(di, do, mask, q2))  # off: the query is ignored
+    cond = _encoder(test_conditioning=True)
+    a, b = cond(di, do, mask, q1), cond(di, do, mask, q2)
+    assert not torch.allclose(a, b) and torch.isfinite(a).all()
+    with pytest.raises(ValueError, match="needs the query inputs"):
+        cond(di, do, mask)

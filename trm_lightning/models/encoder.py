@@ -28,14 +28,28 @@ from torch import Tensor, nn
 from trm_lightning.models.layers import Block, CrossAttention, RotaryEmbedding, lecun_linear, rms_norm, trunc_normal_
 
 POOLING_METHODS = ("mean", "attention", "weighted")
+TRANSFORMS = ("concat", "diff", "cross")
 PAD_TOKEN = 0
+
+
+def _any_or_all(preferred: Tensor, fallback: Tensor) -> Tensor:
+    """``preferred`` (N, L) where a row has any True, else that row of ``fallback`` (never an empty mask)."""
+    return torch.where(preferred.any(dim=1, keepdim=True), preferred, fallback)
 
 
 class DemoGridEncoder(nn.Module):
     """Encodes one demo pair (input grid, output grid), as canvas tokens, into one D-vector.
 
     ``crop_buckets``: encode only each pair's real cells, in this many length buckets (0 = the whole
-    2*S*S canvas, as the seed's code did; same result, more compute).
+    canvas, as the seed's code did; same result, more compute).
+
+    ``transform`` (seed §1, transformation modelling) decides what the encoder sees of a pair:
+
+    - ``concat``: the tokens of [input; output], one self-attention over both (the seed's encoder);
+    - ``diff``: a third segment of per-cell tokens ``(colour in, colour out)`` wherever both grids have a
+      cell (a learned embedding per pair of tokens: "unchanged red", "blue -> green", ...);
+    - ``cross``: self-attention within each grid only, then one cross-attention block in which every token
+      attends to the input grid's tokens; only the output grid's tokens are pooled.
     """
 
     def __init__(
@@ -52,10 +66,17 @@ class DemoGridEncoder(nn.Module):
         rms_norm_eps: float = 1e-5,
         rope_theta: float = 10000.0,
         crop_buckets: int = 4,
+        transform: str = "concat",
     ) -> None:
         super().__init__()
         if pooling not in POOLING_METHODS:
             raise ValueError(f"pooling must be one of {POOLING_METHODS}, got {pooling!r}")
+        if transform not in TRANSFORMS:
+            raise ValueError(f"transform must be one of {TRANSFORMS}, got {transform!r}")
+        self.transform = transform
+        self.vocab_size = vocab_size
+        self.cells = canvas_size * canvas_size
+        self.segments = 3 if transform == "diff" else 2
         self.pooling = pooling
         self.crop_buckets = crop_buckets
         self.norm_style = norm_style
@@ -63,12 +84,18 @@ class DemoGridEncoder(nn.Module):
         self.embed_scale = math.sqrt(hidden_size)
         self.input_embed = nn.Embedding(vocab_size, hidden_size)
         self.output_embed = nn.Embedding(vocab_size, hidden_size)
-        for emb in (self.input_embed, self.output_embed):
+        embeds = [self.input_embed, self.output_embed]
+        if transform == "diff":
+            self.diff_embed = nn.Embedding(vocab_size * vocab_size, hidden_size)
+            embeds.append(self.diff_embed)
+        for emb in embeds:
             trunc_normal_(emb.weight.data, 1.0 / math.sqrt(hidden_size))
-        self.rope = RotaryEmbedding(hidden_size // num_heads, 2 * canvas_size * canvas_size, rope_theta)
+        self.rope = RotaryEmbedding(hidden_size // num_heads, self.segments * self.cells, rope_theta)
         self.layers = nn.ModuleList(
             Block(hidden_size, num_heads, expansion, norm_style, layer_scale_init, rms_norm_eps) for _ in range(num_layers)
         )
+        if transform == "cross":
+            self.cross = Block(hidden_size, num_heads, expansion, norm_style, layer_scale_init, rms_norm_eps, cross=True)
         if pooling == "attention":
             self.pool_query = nn.Parameter(trunc_normal_(torch.empty(1, 1, hidden_size), 0.02))
             self.pool_attn = CrossAttention(hidden_size, num_heads)
@@ -85,7 +112,12 @@ class DemoGridEncoder(nn.Module):
         each padded only to its own longest pair. Same output as the full canvas (a test checks), at a
         cost that follows the grids' real size. Costs one host sync per call (the bucket lengths).
         """
-        tokens = torch.cat([demo_inputs, demo_outputs], dim=1).long()  # (N, 2*S*S)
+        inputs, outputs = demo_inputs.long(), demo_outputs.long()
+        segments = [inputs, outputs]
+        if self.transform == "diff":  # (in, out) token pairs where both grids have a cell, else PAD (id 0)
+            both = (inputs != PAD_TOKEN) & (outputs != PAD_TOKEN)
+            segments.append(torch.where(both, inputs * self.vocab_size + outputs, PAD_TOKEN))
+        tokens = torch.cat(segments, dim=1)  # (N, segments * S*S)
         real = tokens != PAD_TOKEN  # EOS and colours count, PAD does not
         if self.crop_buckets <= 0 or tokens.shape[0] == 0:
             return self._encode(tokens, None, real)
@@ -110,20 +142,29 @@ class DemoGridEncoder(nn.Module):
 
     def _encode(self, tokens: Tensor, positions: Tensor | None, mask: Tensor) -> Tensor:
         """(N, L) tokens at canvas ``positions`` (None: the whole canvas, in order) -> (N, D) vectors."""
-        half = self.rope.cos.shape[0] // 2  # S*S: positions below are input cells, the rest output cells
         if positions is None:
-            h = torch.cat([self.input_embed(tokens[:, :half]), self.output_embed(tokens[:, half:])], dim=1)
-            rope = self.rope()
-        else:
-            is_input = (positions < half).unsqueeze(-1)
-            h = torch.where(is_input, self.input_embed(tokens), self.output_embed(tokens))
-            rope = self.rope(positions)
+            positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+        segment = positions // self.cells  # 0 input, 1 output, 2 diff
+        embeds = [self.input_embed, self.output_embed] + ([self.diff_embed] if self.transform == "diff" else [])
+        h = None
+        for i, embed in enumerate(embeds):
+            mine = segment == i
+            part = embed(torch.where(mine, tokens, PAD_TOKEN)) * mine.unsqueeze(-1)
+            h = part if h is None else h + part
         h = h * self.embed_scale
+        rope = self.rope(positions)
+        attend = mask
+        if self.transform == "cross":  # each grid attends within itself
+            attend = (segment.unsqueeze(2) == segment.unsqueeze(1)) & mask.unsqueeze(1)
         for layer in self.layers:
-            h = layer(h, rope, mask)
+            h = layer(h, rope, attend)
+        pool_mask = mask
+        if self.transform == "cross":  # every token attends to the input grid; the output grid is pooled
+            h = self.cross(h, key_mask=_any_or_all(mask & (segment == 0), mask), memory=h)
+            pool_mask = _any_or_all(mask & (segment == 1), mask)
         if self.norm_style == "pre":
             h = rms_norm(h, self.eps)
-        return self.pool_proj(self._pool(h, mask))
+        return self.pool_proj(self._pool(h, pool_mask))
 
     def _pool(self, h: Tensor, key_mask: Tensor) -> Tensor:
         if self.pooling == "mean":
@@ -193,21 +234,45 @@ class StandardDemoEncoder(nn.Module):
         rms_norm_eps: float = 1e-5,
         rope_theta: float = 10000.0,
         crop_buckets: int = 4,
+        transform: str = "concat",
+        test_conditioning: bool = False,
     ) -> None:
         super().__init__()
         self.hidden_size = hidden_size
         self.grid_encoder = DemoGridEncoder(
             hidden_size, num_heads, num_layers, canvas_size, vocab_size, expansion, pooling, norm_style,
-            layer_scale_init, rms_norm_eps, rope_theta, crop_buckets,
+            layer_scale_init, rms_norm_eps, rope_theta, crop_buckets, transform,
         )
+        self.test_conditioning = test_conditioning
+        if test_conditioning:  # marks the query's slot in the set encoder's memory
+            self.query_slot = nn.Parameter(trunc_normal_(torch.empty(hidden_size), 0.02))
         self.set_encoder = DemoSetEncoder(
             hidden_size, num_heads, output_tokens, set_layers, expansion, norm_style, layer_scale_init, rms_norm_eps
         )
 
-    def forward(self, demo_inputs: Tensor, demo_outputs: Tensor, demo_mask: Tensor) -> Tensor:
-        """(B, K, S*S) demo inputs/outputs and (B, K) mask -> context (B, output_tokens, D)."""
+    def forward(
+        self, demo_inputs: Tensor, demo_outputs: Tensor, demo_mask: Tensor, query_inputs: Tensor | None = None
+    ) -> Tensor:
+        """(B, K, S*S) demo inputs/outputs and (B, K) mask -> context (B, output_tokens, D).
+
+        With ``test_conditioning`` the query's input grid (B, S*S) is encoded too (as a pair with an empty
+        output) and joins the demos in the set encoder's memory, marked by a learned slot vector, so the
+        context can depend on the test input (seed §1, "cross-attend demos -> test input").
+        """
         B, K, T = demo_inputs.shape
         valid = demo_mask.reshape(B * K).nonzero().squeeze(1)  # indices of the valid slots
-        encoded = self.grid_encoder(demo_inputs.reshape(B * K, T)[valid], demo_outputs.reshape(B * K, T)[valid])
-        vectors = encoded.new_zeros(B * K, encoded.shape[-1]).index_copy(0, valid, encoded)
-        return self.set_encoder(vectors.view(B, K, -1), demo_mask)
+        ins, outs = demo_inputs.reshape(B * K, T)[valid], demo_outputs.reshape(B * K, T)[valid]
+        if self.test_conditioning:
+            if query_inputs is None:
+                raise ValueError("test_conditioning needs the query inputs")
+            ins = torch.cat([ins, query_inputs.to(ins.dtype)])
+            outs = torch.cat([outs, torch.zeros_like(query_inputs, dtype=outs.dtype)])
+        encoded = self.grid_encoder(ins, outs)
+        n_demos = valid.shape[0]
+        vectors = encoded.new_zeros(B * K, encoded.shape[-1]).index_copy(0, valid, encoded[:n_demos])
+        memory, mask = vectors.view(B, K, -1), demo_mask
+        if self.test_conditioning:
+            query = encoded[n_demos:] + self.query_slot.to(encoded.dtype)
+            memory = torch.cat([memory, query.unsqueeze(1)], dim=1)
+            mask = torch.cat([demo_mask, torch.ones_like(demo_mask[:, :1])], dim=1)
+        return self.set_encoder(memory, mask)

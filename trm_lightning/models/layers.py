@@ -83,8 +83,11 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 def _key_mask_to_attn(key_mask: Tensor | None) -> Tensor | None:
-    # (B, Lk) bool, True = attend  ->  (B, 1, 1, Lk) for SDPA broadcasting over heads and queries
-    return None if key_mask is None else key_mask[:, None, None, :]
+    # (B, Lk) bool, True = attend  ->  (B, 1, 1, Lk) for SDPA broadcasting over heads and queries;
+    # (B, Lq, Lk) (a mask per query)  ->  (B, 1, Lq, Lk)
+    if key_mask is None:
+        return None
+    return key_mask[:, None] if key_mask.dim() == 3 else key_mask[:, None, None, :]
 
 
 class _MultiHead(nn.Module):
