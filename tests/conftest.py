@@ -2,7 +2,20 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+# One intra-op thread everywhere (this process and the `trm` subprocesses tests start): the tiny models gain
+# nothing from more, and on a busy 2-core machine OpenMP threads spinning against other processes slow the
+# suite down many times over.
+os.environ["OMP_NUM_THREADS"] = "1"
+
+
+def pytest_configure(config):
+    import torch
+
+    torch.set_num_threads(1)
 
 from trm_lightning.data.synthetic import make_synthetic_tasks, write_task_dir
 
