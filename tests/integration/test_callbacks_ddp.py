@@ -126,7 +126,7 @@ def test_one_ranks_nan_stops_both_ranks(synthetic_task_dir, synthetic_eval_dir, 
     with open(log_dir / "alerts.jsonl") as f:
         alerts = [json.loads(line) for line in f]
     assert [(a["rule"], a["step"]) for a in alerts] == [("nonfinite", 2)]
-    assert alerts[0]["values"] == {"nonfinite_loss_ranks": 1.0, "nonfinite_grad_ranks": 0.0}
+    assert alerts[0]["values"] == {"nonfinite_loss_ranks": 1.0, "nonfinite_grad_ranks": 0.0, "first_nonfinite_step": 2.0}
     assert (log_dir / "checkpoints" / "alert-step2.ckpt").exists()
     if action == "stop":
         assert out.returncode == 0, out.stderr[-3000:]
