@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from common import autocast, base_parser, build, cycle, emit, peak_tflops, quiet, resolve_defaults, timed, to_device
+from common import (
+    autocast, base_parser, build, compare_conditionings, cycle, peak_tflops, quiet, resolve_defaults, timed, to_device,
+)
 from trm_lightning.flops import trm_rollout_flops
 
 
@@ -46,12 +48,7 @@ def measure(args, conditioning: str) -> dict:
 def main() -> None:
     args = resolve_defaults(base_parser(__doc__.splitlines()[0]).parse_args())
     quiet()
-    results = {}
-    for conditioning in ("puzzle_emb", "encoder"):
-        results[conditioning] = measure(args, conditioning)
-        emit("eval_rollout", args, **results[conditioning])
-    ratio = results["encoder"]["rollout_s"] / results["puzzle_emb"]["rollout_s"]
-    emit("eval_overhead", args, rows=results["encoder"]["rows"], encoder_overhead=ratio)
+    compare_conditionings(args, measure, "eval_rollout", "rollout_s")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import torch
 
-from common import autocast, base_parser, build, cycle, emit, peak_tflops, quiet, resolve_defaults, timed, to_device
+from common import (
+    autocast, base_parser, build, compare_conditionings, cycle, peak_tflops, quiet, resolve_defaults, timed, to_device,
+)
 from trm_lightning.flops import encoder_step_flops, trm_step_flops
 from trm_lightning.optim import named_param_groups
 
@@ -73,12 +75,7 @@ def measure(args, conditioning: str) -> dict:
 def main() -> None:
     args = resolve_defaults(base_parser(__doc__.splitlines()[0]).parse_args())
     quiet()
-    results = {}
-    for conditioning in ("puzzle_emb", "encoder"):
-        results[conditioning] = measure(args, conditioning)
-        emit("train_step", args, **results[conditioning])
-    ratio = results["encoder"]["step_s"] / results["puzzle_emb"]["step_s"]
-    emit("train_overhead", args, rows=args.batch, encoder_overhead=ratio)
+    compare_conditionings(args, measure, "train_step", "step_s")
 
 
 if __name__ == "__main__":

@@ -161,3 +161,14 @@ def quiet() -> None:
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
     for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
         logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def compare_conditionings(args: argparse.Namespace, measure: Callable, name: str, seconds_key: str) -> None:
+    """Measure puzzle-id conditioning, then the encoder (same config, same run); emit both and their ratio
+    as ``bench <name>_overhead encoder_overhead=<encoder seconds / puzzle-id seconds>``."""
+    results = {}
+    for conditioning in ("puzzle_emb", "encoder"):
+        results[conditioning] = measure(args, conditioning)
+        emit(name, args, **results[conditioning])
+    ratio = results["encoder"][seconds_key] / results["puzzle_emb"][seconds_key]
+    emit(f"{name.split('_')[0]}_overhead", args, rows=results["encoder"]["rows"], encoder_overhead=ratio)

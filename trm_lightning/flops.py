@@ -30,6 +30,12 @@ def block_flops(tokens: int, keys: int, hidden: int, inter: int) -> int:
     return linear + attention
 
 
+def trm_net_flops(canvas_size: int, hidden_size: int, expansion: float, L_layers: int, puzzle_emb_len: int) -> int:
+    """Forward FLOPs of one call of the TRM core's shared net (``L_layers`` blocks) for one row."""
+    tokens = puzzle_emb_len + canvas_size * canvas_size
+    return L_layers * block_flops(tokens, tokens, hidden_size, swiglu_intermediate(hidden_size, expansion))
+
+
 def trm_step_flops(
     canvas_size: int,
     hidden_size: int = 512,
@@ -42,9 +48,7 @@ def trm_step_flops(
 ) -> int:
     """Training FLOPs (forward + backward) of the TRM core for one row and one ACT step."""
     grid = canvas_size * canvas_size
-    tokens = puzzle_emb_len + grid
-    inter = swiglu_intermediate(hidden_size, expansion)
-    net = L_layers * block_flops(tokens, tokens, hidden_size, inter)
+    net = trm_net_flops(canvas_size, hidden_size, expansion, L_layers, puzzle_emb_len)
     calls = H_cycles * (L_cycles + 1)
     grad_calls = L_cycles + 1
     head = 2 * grid * hidden_size * vocab_size
@@ -79,9 +83,7 @@ def trm_rollout_flops(
     puzzle_emb_len: int = 16,
 ) -> int:
     """Forward FLOPs of an evaluation rollout (``halt_max_steps`` ACT steps) of the TRM core for one row."""
-    tokens = puzzle_emb_len + canvas_size * canvas_size
-    inter = swiglu_intermediate(hidden_size, expansion)
-    net = L_layers * block_flops(tokens, tokens, hidden_size, inter)
+    net = trm_net_flops(canvas_size, hidden_size, expansion, L_layers, puzzle_emb_len)
     return net * H_cycles * (L_cycles + 1) * halt_max_steps
 
 
