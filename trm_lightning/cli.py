@@ -31,7 +31,7 @@ from callbacks.last_checkpoint import LastCheckpoint
 from callbacks.run_status import RunStatus
 from trm_lightning.data.datamodule import ARCDataModule
 from trm_lightning.errors import ConfigError, TRMError
-from trm_lightning.module import ARCHITECTURE_KEYS, TRMLitModule
+from trm_lightning.module import ARCHITECTURE_KEYS, TRMLitModule, architecture_mismatch
 from trm_lightning.report.runs import EXPERIMENT_FILE
 
 DEFAULT_LOGGER = {
@@ -139,13 +139,9 @@ class TRMCLI(LightningCLI):
             raise ConfigError(f"--ckpt_path {path}: corrupted checkpoint (bad CRC in {bad})")
         saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters", {})
         config = self.config[subcommand]
-        wanted = {k: config["model"].get(k) for k in ARCHITECTURE_KEYS}
+        wanted = {k: config["model"].get(k) for k in ARCHITECTURE_KEYS if k != "num_puzzle_ids"}  # not known yet
         wanted["canvas_size"] = config["data"]["canvas_size"]  # linked from the data
-        differ = [
-            f"{k}={saved[k]!r} (config: {v!r})"
-            for k, v in wanted.items()
-            if k in saved and v is not None and k != "num_puzzle_ids" and saved[k] != v
-        ]
+        differ = architecture_mismatch(saved, wanted)
         if differ:
             raise ConfigError(
                 f"--ckpt_path {path}: the checkpoint was trained with another model configuration: "

@@ -44,6 +44,15 @@ ARCHITECTURE_KEYS = (
 )
 
 
+def architecture_mismatch(saved: dict, wanted: dict) -> list[str]:
+    """``key=saved (config: wanted)`` for every architecture key both know and disagree on."""
+    return [
+        f"{k}={saved[k]!r} (config: {wanted[k]!r})"
+        for k in ARCHITECTURE_KEYS
+        if k in saved and wanted.get(k) is not None and saved[k] != wanted[k]
+    ]
+
+
 class TRMLitModule(LightningModule):
     """Encoder-conditioned Tiny Recursive Model.
 
@@ -248,12 +257,7 @@ class TRMLitModule(LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Refuse a checkpoint of another architecture with one clear message; keep the per-rank state."""
-        saved = checkpoint.get("hyper_parameters", {})
-        differ = [
-            f"{k}={saved[k]!r} (config: {self.hparams[k]!r})"
-            for k in ARCHITECTURE_KEYS
-            if k in saved and k in self.hparams and saved[k] != self.hparams[k]
-        ]
+        differ = architecture_mismatch(checkpoint.get("hyper_parameters", {}), dict(self.hparams))
         if differ:
             raise ConfigError(
                 "the checkpoint was trained with another model configuration: " + ", ".join(differ)
