@@ -32,7 +32,8 @@ def _same_tasks(a, b) -> bool:
 
 def test_rule_catalogue_sizes_and_names():
     sizes = {family: len(rule_params(family)) for family in FEWSHOT_FAMILIES}
-    assert sizes == {"recolour": 72, "dihedral": 63, "gravity": 36, "lines": 36, "fill": 18, "size": 18, "tile": 36}
+    assert sizes == {"paint": 18, "outline": 36, "frame": 36, "recolour": 72, "dihedral": 63, "gravity": 36,
+                     "lines": 36, "fill": 18, "size": 18, "tile": 36}
     rule = FewshotRule("dihedral", 4, 7)
     assert rule.name == "dihedral(4,7)" and parse_rule(rule.name) == rule
     with pytest.raises(ValueError, match="no parameters"):
@@ -43,6 +44,18 @@ def test_rule_catalogue_sizes_and_names():
 
 def test_rules_on_hand_made_grids():
     g = np.array([[1, 0, 2], [0, 3, 0]], dtype=np.uint8)
+    assert FewshotRule("paint", 0, 6).apply(g).tolist() == [[6, 0, 6], [0, 6, 0]]
+    assert FewshotRule("paint", 1, 6).apply(g).tolist() == [[1, 6, 2], [6, 3, 6]]
+    dot = np.zeros((3, 4), np.uint8)
+    dot[1, 1] = 3
+    assert FewshotRule("outline", 0, 5).apply(dot).tolist() == [[0, 5, 0, 0], [5, 3, 5, 0], [0, 5, 0, 0]]
+    assert FewshotRule("outline", 1, 5).apply(dot).tolist() == [[5, 0, 5, 0], [0, 3, 0, 0], [5, 0, 5, 0]]
+    assert FewshotRule("outline", 2, 5).apply(dot).tolist() == [[0, 0, 0, 0], [5, 3, 5, 0], [0, 0, 0, 0]]
+    assert FewshotRule("outline", 3, 5).apply(dot).tolist() == [[0, 5, 0, 0], [0, 3, 0, 0], [0, 5, 0, 0]]
+    assert FewshotRule("frame", 0, 5).apply(dot).tolist() == [[5, 5, 5, 5], [5, 3, 0, 5], [5, 5, 5, 5]]
+    assert FewshotRule("frame", 1, 5).apply(dot).tolist() == [[5, 5, 5, 5], [0, 3, 0, 0], [5, 5, 5, 5]]
+    assert FewshotRule("frame", 2, 5).apply(dot).tolist() == [[5, 0, 0, 5], [5, 3, 0, 5], [5, 0, 0, 5]]
+    assert FewshotRule("frame", 3, 5).apply(dot).tolist() == [[5, 0, 0, 5], [0, 3, 0, 0], [5, 0, 0, 5]]
     assert FewshotRule("recolour", 2, 5).apply(g).tolist() == [[1, 0, 5], [0, 3, 0]]
     assert np.array_equal(FewshotRule("dihedral", 4, 9).apply(g), np.where(dihedral(g, 4) != 0, 9, 0))
     assert FewshotRule("gravity", 0, 4).apply(g).tolist() == [[0, 0, 0], [4, 4, 4]]
@@ -67,7 +80,7 @@ def test_split_is_deterministic_disjoint_and_compositional():
     assert (train, heldout) == again
     assert split_rules(seed=4) != (train, heldout)
     assert not set(train) & set(heldout)
-    assert len(train) + len(heldout) == sum(len(rule_params(f)) for f in FEWSHOT_FAMILIES) == 279
+    assert len(train) + len(heldout) == sum(len(rule_params(f)) for f in FEWSHOT_FAMILIES) == 369
     for family in FEWSHOT_FAMILIES:
         fam_train = [r for r in train if r.family == family]
         fam_held = [r for r in heldout if r.family == family]
@@ -82,14 +95,15 @@ def test_split_is_deterministic_disjoint_and_compositional():
 
 
 def test_fewshot_split_tasks_deterministic_fit_the_canvas_and_follow_their_rule():
-    train, heldout = make_fewshot_split(140, 69, seed=0, n_demos=3, n_test=2, max_side=6)
-    again_train, again_heldout = make_fewshot_split(140, 69, seed=0, n_demos=3, n_test=2, max_side=6)
-    assert _same_tasks(train, again_train) and _same_tasks(heldout, again_heldout)
-    assert not _same_tasks(heldout, make_fewshot_split(140, 69, seed=1, n_demos=3, n_test=2)[1])
     train_rules, heldout_rules = split_rules(seed=0)
+    n_held = len(heldout_rules)
+    train, heldout = make_fewshot_split(140, n_held, seed=0, n_demos=3, n_test=2, max_side=6)
+    again_train, again_heldout = make_fewshot_split(140, n_held, seed=0, n_demos=3, n_test=2, max_side=6)
+    assert _same_tasks(train, again_train) and _same_tasks(heldout, again_heldout)
+    assert not _same_tasks(heldout, make_fewshot_split(140, n_held, seed=1, n_demos=3, n_test=2)[1])
     assert {rule_of(t) for t in train} <= set(train_rules)
-    assert len({rule_of(t) for t in train}) == 140  # 210 training rules: no rule twice before every rule once
-    assert {rule_of(t) for t in heldout} == set(heldout_rules)  # 69 tasks: every held-out rule once
+    assert len({rule_of(t) for t in train}) == 140  # 278 training rules: no rule twice before every rule once
+    assert {rule_of(t) for t in heldout} == set(heldout_rules)  # one task per held-out rule: each rule once
     assert len({t.task_id for t in train + heldout}) == len(train) + len(heldout)
     for task in train + heldout:
         rule = rule_of(task)
@@ -112,7 +126,7 @@ def test_inputs_do_not_depend_on_the_rule_parameters():
 def test_heldout_rules_are_ambiguous_without_demos():
     """Two held-out rules of one family give different outputs for the same input: a model that sees only the
     query input cannot tell which to produce."""
-    _, heldout = make_fewshot_split(10, 69, seed=0)
+    _, heldout = make_fewshot_split(10, len(split_rules(seed=0)[1]), seed=0)
     by_family: dict[str, list] = {}
     for task in heldout:
         by_family.setdefault(rule_of(task).family, []).append(task)

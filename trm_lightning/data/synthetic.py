@@ -161,7 +161,7 @@ def write_task_dir(tasks: Sequence[ArcTask], directory: str | Path) -> Path:
 # do. The split holds out (s, c) combinations: a held-out rule never occurs in training, but its ``s`` occurs
 # there with other colours and its ``c`` with other ``s`` of the same family.
 
-FEWSHOT_FAMILIES = ("recolour", "dihedral", "gravity", "lines", "fill", "size", "tile")
+FEWSHOT_FAMILIES = ("paint", "outline", "frame", "recolour", "dihedral", "gravity", "lines", "fill", "size", "tile")
 NUM_COLOURS = 9  # drawing colours 1..9; 0 is the background
 
 
@@ -173,6 +173,11 @@ class FewshotRule:
         family: one of :data:`FEWSHOT_FAMILIES`.
         s: the structural parameter, its meaning per family:
 
+            - ``paint``: a per-cell rule: 0 paints every coloured cell ``c``, 1 every background cell;
+            - ``outline``: background cells next to a coloured cell are painted ``c``: 0 next to it by a side,
+              1 by a corner only, 2 to its left or right, 3 above or below it;
+            - ``frame``: cells on the grid's edge are painted ``c``: 0 all four edges, 1 the top and bottom
+              rows, 2 the left and right columns, 3 the four corners;
             - ``recolour``: the colour (1..9) whose cells become ``c`` (``s != c``); the others stay;
             - ``dihedral``: the transform 1..7 of :func:`~trm_lightning.data.augment.dihedral` applied to a
               one-colour shape, then the shape is painted ``c``;
@@ -216,7 +221,7 @@ class FewshotRule:
 def rule_params(family: str) -> tuple[tuple[int, int], ...]:
     """Every ``(s, c)`` of ``family``, in a fixed order."""
     colours = range(1, NUM_COLOURS + 1)
-    structural = {"recolour": range(1, 10), "dihedral": range(1, 8), "gravity": range(4), "lines": range(4),
+    structural = {"paint": range(2), "outline": range(4), "frame": range(4), "recolour": range(1, 10), "dihedral": range(1, 8), "gravity": range(4), "lines": range(4),
                   "fill": range(2), "size": range(2), "tile": range(4)}
     if family not in structural:
         raise ValueError(f"unknown rule family {family!r}; choose from {FEWSHOT_FAMILIES}")
@@ -332,7 +337,33 @@ def _tile(grid: np.ndarray, mode: int, c: int) -> np.ndarray:
     return np.where(out == 0, c, out)
 
 
+def _outline(grid: np.ndarray, mode: int, c: int) -> np.ndarray:
+    coloured = np.pad(grid != 0, 1)
+    height, width = grid.shape
+
+    def shifted(dr: int, dc: int) -> np.ndarray:  # coloured[r + dr, c + dc] for every cell (r, c)
+        return coloured[1 + dr : 1 + dr + height, 1 + dc : 1 + dc + width]
+
+    sides = {"h": shifted(0, -1) | shifted(0, 1), "v": shifted(-1, 0) | shifted(1, 0)}
+    corners = shifted(-1, -1) | shifted(-1, 1) | shifted(1, -1) | shifted(1, 1)
+    near = {0: sides["h"] | sides["v"], 1: corners & ~(sides["h"] | sides["v"]), 2: sides["h"], 3: sides["v"]}[mode]
+    return np.where((grid == 0) & near, c, grid)
+
+
+def _frame(grid: np.ndarray, mode: int, c: int) -> np.ndarray:
+    height, width = grid.shape
+    rows = np.zeros(grid.shape, dtype=bool)
+    rows[[0, height - 1], :] = True
+    cols = np.zeros(grid.shape, dtype=bool)
+    cols[:, [0, width - 1]] = True
+    edge = {0: rows | cols, 1: rows, 2: cols, 3: rows & cols}[mode]
+    return np.where(edge, c, grid)
+
+
 _APPLY: dict[str, Callable[[np.ndarray, int, int], np.ndarray]] = {
+    "paint": lambda g, s, c: np.where((g != 0) if s == 0 else (g == 0), c, g),
+    "outline": _outline,
+    "frame": _frame,
     "recolour": lambda g, s, c: np.where(g == s, c, g),
     "dihedral": lambda g, s, c: _paint(dihedral(g, s), c),
     "gravity": lambda g, s, c: _paint(_gravity(g, s), c),
@@ -442,6 +473,10 @@ def _sample_input(family: str, rng: np.random.Generator, min_side: int, max_side
         return _one_colour_shape(rng, height, width)
     if family in ("gravity", "tile"):
         return _scatter(rng, height, width, 0.4 if family == "gravity" else 0.6)
+    if family in ("paint", "frame"):
+        return _scatter(rng, height, width, 0.5)
+    if family == "outline":
+        return _scatter(rng, height, width, 0.2)
     if family == "lines":
         return _pixels(rng, height, width)
     if family == "fill":
