@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 CONFIG ?= configs/demo.yaml
 RUNS   ?= runs
 
-.PHONY: install test test-full demo overfit bench print-config tensorboard report clean
+.PHONY: install test test-full demo overfit bench bench-fewshot print-config tensorboard report clean
 
 install: $(STAMP)
 
@@ -36,6 +36,9 @@ bench: install  ## speed: train step + encoder overhead, eval rollout, data load
 	$(BIN)/python benchmarks/bench_eval.py --preset demo --batch 32
 	$(BIN)/python benchmarks/bench_eval.py --preset arc --batch 8 --steps 1
 	$(BIN)/python benchmarks/bench_data.py --preset arc --batch 64 --steps 10
+
+bench-fewshot: install  ## held-out rules on the CPU: encoder-TRM (real vs shuffled context) and the puzzle-id baseline
+	$(BIN)/python benchmarks/bench_fewshot.py
 
 print-config: install  ## the resolved config of CONFIG (default: the demo)
 	$(BIN)/trm fit --config $(CONFIG) --print_config

@@ -10,7 +10,7 @@ from trm_lightning.data.augment import (
 )
 from trm_lightning.data.datamodule import ARCDataModule
 from trm_lightning.data.episodes import EpisodeDataset, EpisodeKey, EpisodeSampler, KeyedEpisodes, eval_keys
-from trm_lightning.data.synthetic import make_synthetic_tasks, write_task_dir
+from trm_lightning.data.synthetic import make_fewshot_split, make_synthetic_tasks, write_task_dir
 from trm_lightning.data.tokenize import (
     COLOR_OFFSET,
     EOS,
@@ -44,6 +44,7 @@ __all__ = [
     "grid_to_canvas",
     "inverse_dihedral",
     "load_source",
+    "make_fewshot_split",
     "make_synthetic_tasks",
     "translation_for",
     "validate_grid",
