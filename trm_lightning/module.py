@@ -78,7 +78,8 @@ class TRMLitModule(LightningModule):
         encoder_test_conditioning: the set encoder also attends to the encoded test input (the context then
             depends on the query, not only on the task's demos).
         encoder_crop_buckets: encode only the real cells of each demo pair, sorted into this many length
-            buckets (0 = the whole canvas; the output is the same, only the compute differs).
+            buckets (0 = the whole canvas; the output is the same, only the compute differs). 16 measured
+            fastest on an H200 at the ARC config (benchmarks/RESULTS.md: 2, 4, 8, 16, 32).
         loss_type: token loss, stablemax (TRM, fp64) or softmax.
         q_halt_loss_weight: weight of the halting BCE.
         lr: base learning rate (the TRM group).
@@ -93,7 +94,8 @@ class TRMLitModule(LightningModule):
         freeze_encoder_steps: the same for the conditioner (demo encoder or puzzle table).
         trm_init_ckpt: initialise the TRM core (``trm.*`` weights) from this checkpoint before training. The
             run prints what data that checkpoint was trained on and whether it saw this run's evaluation tasks.
-        compile: ``torch.compile`` the TRM core's shared net (never the whole module); for GPUs.
+        compile: ``torch.compile`` the TRM core's shared net and the demo encoder's per-bucket encoding (with
+            dynamic shapes), never the whole module; for GPUs.
         conditioning: what fills the TRM prefix: ``encoder`` (the demo encoder) or ``puzzle_emb`` (the
             original TRM: a learned vector per puzzle id, no demos read; pair it with
             ``data.train_on_eval_demos`` for TRM's protocol, configs/arc1/puzzle_emb_trm.yaml).
@@ -121,7 +123,7 @@ class TRMLitModule(LightningModule):
         encoder_norm_style: Literal["post", "pre"] = "post",
         encoder_transform: Literal["concat", "diff", "cross"] = "concat",
         encoder_test_conditioning: bool = False,
-        encoder_crop_buckets: int = 4,
+        encoder_crop_buckets: int = 16,
         loss_type: Literal["stablemax", "softmax"] = "stablemax",
         q_halt_loss_weight: float = 0.5,
         lr: float = 1e-4,
@@ -196,6 +198,7 @@ class TRMLitModule(LightningModule):
             crop_buckets=hp.encoder_crop_buckets,
             transform=hp.encoder_transform,
             test_conditioning=hp.encoder_test_conditioning,
+            compile=hp.compile,
         )
 
     def setup(self, stage: str) -> None:

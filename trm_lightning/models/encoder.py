@@ -32,6 +32,19 @@ TRANSFORMS = ("concat", "diff", "cross")
 PAD_TOKEN = 0
 
 
+_compiled_encode_fn = None
+
+
+def _compiled_encode():
+    """``torch.compile`` of :meth:`DemoGridEncoder._encode` with dynamic shapes (the number of pairs and the
+    bucket widths change every step), made once per process on first use; a free function, so the module
+    itself stays plain (EMA copies, pickling and checkpoints never see a compiled wrapper)."""
+    global _compiled_encode_fn
+    if _compiled_encode_fn is None:
+        _compiled_encode_fn = torch.compile(DemoGridEncoder._encode, dynamic=True)
+    return _compiled_encode_fn
+
+
 def _any_or_all(preferred: Tensor, fallback: Tensor) -> Tensor:
     """``preferred`` (N, L) where a row has any True, else that row of ``fallback`` (never an empty mask)."""
     return torch.where(preferred.any(dim=1, keepdim=True), preferred, fallback)
@@ -50,6 +63,9 @@ class DemoGridEncoder(nn.Module):
       cell (a learned embedding per pair of tokens: "unchanged red", "blue -> green", ...);
     - ``cross``: self-attention within each grid only, then one cross-attention block in which every token
       attends to the input grid's tokens; only the output grid's tokens are pooled.
+
+    ``compile``: run the encoding of each bucket (embeddings, blocks, pooling) through ``torch.compile``
+    with dynamic shapes; for GPUs.
     """
 
     def __init__(
@@ -65,8 +81,9 @@ class DemoGridEncoder(nn.Module):
         layer_scale_init: float = 0.0,
         rms_norm_eps: float = 1e-5,
         rope_theta: float = 10000.0,
-        crop_buckets: int = 4,
+        crop_buckets: int = 16,
         transform: str = "concat",
+        compile: bool = False,
     ) -> None:
         super().__init__()
         if pooling not in POOLING_METHODS:
@@ -79,6 +96,7 @@ class DemoGridEncoder(nn.Module):
         self.segments = 3 if transform == "diff" else 2
         self.pooling = pooling
         self.crop_buckets = crop_buckets
+        self.compile = compile
         self.norm_style = norm_style
         self.eps = rms_norm_eps
         self.embed_scale = math.sqrt(hidden_size)
@@ -119,8 +137,9 @@ class DemoGridEncoder(nn.Module):
             segments.append(torch.where(both, inputs * self.vocab_size + outputs, PAD_TOKEN))
         tokens = torch.cat(segments, dim=1)  # (N, segments * S*S)
         real = tokens != PAD_TOKEN  # EOS and colours count, PAD does not
+        encode = (lambda *a: _compiled_encode()(self, *a)) if self.compile else self._encode
         if self.crop_buckets <= 0 or tokens.shape[0] == 0:
-            return self._encode(tokens, None, real)
+            return encode(tokens, None, real)
         lengths = real.sum(1)
         by_length = torch.argsort(lengths)
         # per row, the positions of its real cells first (in canvas order), then its PAD cells
@@ -136,7 +155,7 @@ class DemoGridEncoder(nn.Module):
             width = max(1, sorted_lengths[end - 1])
             pos = positions[rows, :width]
             mask = torch.arange(width, device=tokens.device) < lengths[rows, None]
-            chunks.append(self._encode(tokens[rows].gather(1, pos), pos, mask))
+            chunks.append(encode(tokens[rows].gather(1, pos), pos, mask))
             start = end
         return torch.cat(chunks)[torch.argsort(by_length)]
 
@@ -233,15 +252,16 @@ class StandardDemoEncoder(nn.Module):
         expansion: float = 4.0,
         rms_norm_eps: float = 1e-5,
         rope_theta: float = 10000.0,
-        crop_buckets: int = 4,
+        crop_buckets: int = 16,
         transform: str = "concat",
         test_conditioning: bool = False,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         self.hidden_size = hidden_size
         self.grid_encoder = DemoGridEncoder(
             hidden_size, num_heads, num_layers, canvas_size, vocab_size, expansion, pooling, norm_style,
-            layer_scale_init, rms_norm_eps, rope_theta, crop_buckets, transform,
+            layer_scale_init, rms_norm_eps, rope_theta, crop_buckets, transform, compile,
         )
         self.test_conditioning = test_conditioning
         if test_conditioning:  # marks the query's slot in the set encoder's memory
