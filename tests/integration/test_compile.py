@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 def test_compiled_model_matches_eager(tmp_path, synthetic_task_dir, synthetic_eval_dir, one_thread):
     eager = build_tiny(synthetic_task_dir, synthetic_eval_dir, tmp_path / "a")
     compiled = build_tiny(synthetic_task_dir, synthetic_eval_dir, tmp_path / "b", "--model.compile=true")
-    assert compiled.model.trm.compile and compiled.model.encoder.grid_encoder.compile
+    assert compiled.model.trm.use_compile and compiled.model.encoder.grid_encoder.use_compile
     compiled.model.load_state_dict(eager.model.state_dict())
     eager.datamodule.setup("fit")
     batch = next(iter(eager.datamodule.train_dataloader()))

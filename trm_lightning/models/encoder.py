@@ -96,7 +96,7 @@ class DemoGridEncoder(nn.Module):
         self.segments = 3 if transform == "diff" else 2
         self.pooling = pooling
         self.crop_buckets = crop_buckets
-        self.compile = compile
+        self.use_compile = compile  # not `self.compile`: that would hide nn.Module.compile()
         self.norm_style = norm_style
         self.eps = rms_norm_eps
         self.embed_scale = math.sqrt(hidden_size)
@@ -137,7 +137,7 @@ class DemoGridEncoder(nn.Module):
             segments.append(torch.where(both, inputs * self.vocab_size + outputs, PAD_TOKEN))
         tokens = torch.cat(segments, dim=1)  # (N, segments * S*S)
         real = tokens != PAD_TOKEN  # EOS and colours count, PAD does not
-        encode = (lambda *a: _compiled_encode()(self, *a)) if self.compile else self._encode
+        encode = (lambda *a: _compiled_encode()(self, *a)) if self.use_compile else self._encode
         if self.crop_buckets <= 0 or tokens.shape[0] == 0:
             return encode(tokens, None, real)
         lengths = real.sum(1)

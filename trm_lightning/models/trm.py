@@ -105,7 +105,7 @@ class TinyRecursiveModel(nn.Module):
         self.L_cycles = L_cycles
         self.halt_max_steps = halt_max_steps
         self.halt_exploration_prob = halt_exploration_prob
-        self.compile = compile
+        self.use_compile = compile  # not `self.compile`: that would hide nn.Module.compile()
         self.embed_scale = math.sqrt(hidden_size)
 
         self.embed_tokens = nn.Embedding(vocab_size, hidden_size)
@@ -136,7 +136,7 @@ class TinyRecursiveModel(nn.Module):
         return torch.cat([prefix.to(tokens.dtype), tokens], dim=1)
 
     def net(self, h: Tensor, injection: Tensor) -> Tensor:
-        body = _compiled_net() if self.compile else _net_body
+        body = _compiled_net() if self.use_compile else _net_body
         return body(self.layers, self.rope(), h, injection)
 
     def forward(self, y: Tensor, z: Tensor, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
