@@ -41,6 +41,7 @@ from torch import Tensor
 from callbacks.encoder_diagnostics import EncoderDiagnostics, due, tensorboard_writers
 from callbacks.last_checkpoint import LastCheckpoint, weights_are_finite
 from trm_lightning.errors import TRMError
+from trm_lightning.trainer_state import is_logging_step
 
 Action = Literal["warn", "stop", "raise"]
 ACTIONS = ("warn", "stop", "raise")
@@ -389,7 +390,7 @@ class CollapseAlert(Callback):
             bad = ~torch.isfinite(loss.detach()).all()  # no sync: read at the next check
             self._bad_loss = bad if self._bad_loss is None else self._bad_loss | bad
             self._flag(bad, trainer.global_step)
-        if trainer._logger_connector.should_update_logs:  # the module logged train/* at this step
+        if is_logging_step(trainer):  # the module logged train/* at this step
             self._train_fresh = True
         every = self.check_every_n_steps or max(int(trainer.log_every_n_steps), 1)
         if due(trainer, every):

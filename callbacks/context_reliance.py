@@ -26,7 +26,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
 
-from trm_lightning.losses import IGNORE_LABEL
+from trm_lightning.vocab import IGNORE_LABEL
 
 # positions in the per-epoch sums
 ROWS, EXACT, CELL, ZERO_EXACT, ZERO_CELL, SHUF_ROWS, SHUF_REAL_EXACT, SHUF_REAL_CELL, SHUF_EXACT, SHUF_CELL = range(10)

@@ -52,6 +52,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
+from trm_lightning.trainer_state import is_accumulating
+
 PREFIX = "diagnostics/"
 RANK_RTOL = 1e-6  # singular values below this x the largest row norm are float32 noise
 
@@ -159,7 +161,7 @@ def due(trainer: Trainer, every_n_steps: int) -> bool:
     micro-batch that steps counts. With ``every_n_steps`` a multiple of ``trainer.log_every_n_steps``
     every check lands on a step the logger writes.
     """
-    if every_n_steps <= 0 or trainer.fit_loop.epoch_loop._should_accumulate():
+    if every_n_steps <= 0 or is_accumulating(trainer):
         return False
     return trainer.global_step > 0 and trainer.global_step % every_n_steps == 0
 

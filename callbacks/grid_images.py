@@ -32,7 +32,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import default_collate
 
-from trm_lightning.data.tokenize import IGNORE_LABEL, PAD, crop_canvas
+from trm_lightning.data.tokenize import crop_canvas
+from trm_lightning.vocab import IGNORE_LABEL, PAD
 
 # ARC colours 0..9: black, blue, red, green, yellow, grey, magenta, orange, light blue, maroon
 PALETTE = np.array(

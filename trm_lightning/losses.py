@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-IGNORE_LABEL = -100
+from trm_lightning.vocab import IGNORE_LABEL
+
 LOSS_TYPES = ("stablemax", "softmax")
 
 

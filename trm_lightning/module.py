@@ -23,7 +23,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from trm_lightning import resume
-from trm_lightning.data.tokenize import VOCAB_SIZE
+from trm_lightning.vocab import VOCAB_SIZE
 from trm_lightning.errors import ConfigError
 from trm_lightning.evaluation import ARCVoteEvaluator
 from trm_lightning.losses import act_loss

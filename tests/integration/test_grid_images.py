@@ -14,7 +14,8 @@ from torch.utils.data import default_collate
 from callbacks import GridImages
 from callbacks.grid_images import PALETTE, RIGHT_FRAME, WRONG_FRAME, panel_margin, render_episode, render_rows
 from trm_lightning.data.episodes import EpisodeDataset, EpisodeKey
-from trm_lightning.data.tokenize import IGNORE_LABEL, grid_to_canvas
+from trm_lightning.data.tokenize import grid_to_canvas
+from trm_lightning.vocab import IGNORE_LABEL
 from tests.integration.helpers import run_tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py

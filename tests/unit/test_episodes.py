@@ -9,7 +9,8 @@ from trm_lightning.data.arc import ArcTask
 from trm_lightning.data.augment import augmentation_for
 from trm_lightning.data.episodes import EpisodeDataset, EpisodeKey, EpisodeSampler, KeyedEpisodes, eval_keys
 from trm_lightning.data.synthetic import make_synthetic_tasks
-from trm_lightning.data.tokenize import EOS, IGNORE_LABEL, PAD, crop_canvas
+from trm_lightning.data.tokenize import crop_canvas
+from trm_lightning.vocab import EOS, IGNORE_LABEL, PAD
 from trm_lightning.errors import ConfigError, DataError
 
 S = 8

@@ -13,7 +13,8 @@ import torch
 
 from trm_lightning.data.arc import ArcTask
 from trm_lightning.data.augment import Augmentation, augmentation_for
-from trm_lightning.data.tokenize import PAD, crop_canvas, grid_to_canvas
+from trm_lightning.data.tokenize import crop_canvas, grid_to_canvas
+from trm_lightning.vocab import PAD
 from trm_lightning.evaluation import (
     ARCVoteEvaluator,
     PassAtK,

@@ -2,16 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from trm_lightning.data.tokenize import (
-    COLOR_OFFSET,
-    EOS,
-    IGNORE_LABEL,
-    PAD,
-    VOCAB_SIZE,
-    canvas_labels,
-    crop_canvas,
-    grid_to_canvas,
-)
+from trm_lightning.data.tokenize import canvas_labels, crop_canvas, grid_to_canvas
+from trm_lightning.vocab import COLOR_OFFSET, EOS, IGNORE_LABEL, PAD, VOCAB_SIZE
 
 
 def test_constants():

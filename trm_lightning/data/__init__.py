@@ -11,31 +11,17 @@ from trm_lightning.data.augment import (
 from trm_lightning.data.datamodule import ARCDataModule
 from trm_lightning.data.episodes import EpisodeDataset, EpisodeKey, EpisodeSampler, KeyedEpisodes, eval_keys
 from trm_lightning.data.synthetic import make_fewshot_split, make_synthetic_tasks, write_task_dir
-from trm_lightning.data.tokenize import (
-    COLOR_OFFSET,
-    EOS,
-    IGNORE_LABEL,
-    PAD,
-    VOCAB_SIZE,
-    canvas_labels,
-    crop_canvas,
-    grid_to_canvas,
-)
+from trm_lightning.data.tokenize import canvas_labels, crop_canvas, grid_to_canvas
 
 __all__ = [
     "ARCDataModule",
     "ArcTask",
     "Augmentation",
     "BUILTIN_SOURCES",
-    "COLOR_OFFSET",
-    "EOS",
     "EpisodeDataset",
     "EpisodeKey",
     "EpisodeSampler",
-    "IGNORE_LABEL",
     "KeyedEpisodes",
-    "PAD",
-    "VOCAB_SIZE",
     "augmentation_for",
     "canvas_labels",
     "crop_canvas",

@@ -21,8 +21,8 @@ from trm_lightning.data.episodes import (
     KeyedEpisodes,
     eval_keys,
 )
-from trm_lightning.data.tokenize import VOCAB_SIZE
 from trm_lightning.errors import ConfigError
+from trm_lightning.trainer_state import batches_done_this_epoch
 
 
 class ARCDataModule(lightning.LightningDataModule):
@@ -141,14 +141,6 @@ class ARCDataModule(lightning.LightningDataModule):
         self._is_set_up = False
 
     # ------------------------------------------------------------------ sizes the model links to
-    @property
-    def vocab_size(self) -> int:
-        return VOCAB_SIZE
-
-    @property
-    def seq_len(self) -> int:
-        return self.canvas_size**2
-
     @property
     def num_puzzle_ids(self) -> int:
         """Rows of the puzzle-id table: the blank id, then ``num_train_augmentations`` versions of every
@@ -328,7 +320,7 @@ class ARCDataModule(lightning.LightningDataModule):
         """Batches of the current epoch whose training step is done (what a checkpoint must not repeat)."""
         if self.trainer is None:
             return 0
-        return int(self.trainer.fit_loop.epoch_loop.batch_progress.current.processed)
+        return batches_done_this_epoch(self.trainer)
 
     def _eval_batch_size(self) -> int:
         return self.eval_batch_size if self.eval_batch_size is not None else self.local_batch_size

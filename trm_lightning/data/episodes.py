@@ -18,8 +18,9 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from trm_lightning.data.arc import ArcTask
 from trm_lightning.data.augment import augmentation_for, translation_for
-from trm_lightning.data.tokenize import IGNORE_LABEL, PAD, canvas_labels, grid_to_canvas
+from trm_lightning.data.tokenize import canvas_labels, grid_to_canvas
 from trm_lightning.errors import ConfigError, DataError
+from trm_lightning.vocab import IGNORE_LABEL, PAD
 
 
 @dataclass(frozen=True)

@@ -11,14 +11,10 @@ from __future__ import annotations
 
 import numpy as np
 
-PAD = 0
-EOS = 1
-COLOR_OFFSET = 2
-VOCAB_SIZE = 12
-IGNORE_LABEL = -100
+from trm_lightning.vocab import COLOR_OFFSET, EOS, IGNORE_LABEL, NUM_COLOURS, PAD
 
 _FIRST_COLOUR = COLOR_OFFSET
-_LAST_COLOUR = COLOR_OFFSET + 9
+_LAST_COLOUR = COLOR_OFFSET + NUM_COLOURS - 1
 
 
 def grid_to_canvas(grid: np.ndarray, canvas_size: int, offset: tuple[int, int] = (0, 0)) -> np.ndarray:
