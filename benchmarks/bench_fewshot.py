@@ -49,7 +49,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as `python benchmarks/bench_fewshot.py` from anywhere
     sys.path.insert(0, str(ROOT))
 
-from callbacks.context_reliance import derangement, row_accuracy  # noqa: E402
+from callbacks.context_reliance import derangement  # noqa: E402
+from trm_lightning.losses import row_accuracy  # noqa: E402
 from trm_lightning.data.arc import ArcTask  # noqa: E402
 from trm_lightning.data.datamodule import ARCDataModule  # noqa: E402
 from trm_lightning.data.episodes import EpisodeDataset, KeyedEpisodes, eval_keys  # noqa: E402

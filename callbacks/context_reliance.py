@@ -26,7 +26,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
 
-from trm_lightning.vocab import IGNORE_LABEL
+from trm_lightning.losses import row_accuracy
 
 # positions in the per-epoch sums
 ROWS, EXACT, CELL, ZERO_EXACT, ZERO_CELL, SHUF_ROWS, SHUF_REAL_EXACT, SHUF_REAL_CELL, SHUF_EXACT, SHUF_CELL = range(10)
@@ -48,14 +48,6 @@ def derangement(task_index: Tensor) -> Tensor | None:
     perm = torch.empty_like(order)
     perm[order] = order.roll(-shift)
     return perm.to(task_index.device)
-
-
-def row_accuracy(predictions: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(has_labels, exact, cell accuracy), each (B,), for predictions and labels (B, T)."""
-    mask = labels != IGNORE_LABEL
-    n = mask.sum(-1)
-    correct = ((predictions == labels) & mask).sum(-1)
-    return n > 0, correct == n, correct.double() / n.clamp_min(1)
 
 
 class ContextReliance(Callback):

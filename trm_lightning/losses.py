@@ -9,6 +9,7 @@ which is the same number once DDP averages gradients across ranks.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +43,24 @@ def token_cross_entropy(logits: Tensor, labels: Tensor, loss_type: str = "stable
     return torch.where(mask, nll, torch.zeros_like(nll))
 
 
+class RowAccuracy(NamedTuple):
+    """Per row (B,): ``has_labels`` (at least one supervised cell), ``exact`` (every supervised cell right) and
+    ``cell`` (float64: the fraction of supervised cells right; 0 for a row without any)."""
+
+    has_labels: Tensor
+    exact: Tensor
+    cell: Tensor
+
+
+def row_accuracy(predictions: Tensor, labels: Tensor) -> RowAccuracy:
+    """How right each row of ``predictions`` (B, T) is against ``labels`` (B, T), counting supervised cells only
+    (``labels != IGNORE_LABEL``: the grid and its EOS border)."""
+    mask = labels != IGNORE_LABEL
+    n = mask.sum(-1)
+    correct = ((predictions == labels) & mask).sum(-1)
+    return RowAccuracy(n > 0, correct == n, correct.double() / n.clamp_min(1))
+
+
 @dataclass
 class ACTLossOutput:
     loss: Tensor  # scalar: mean over rows of lm + w * q_halt
@@ -57,22 +76,20 @@ def act_loss(
     logits: Tensor, labels: Tensor, q_halt_logits: Tensor, q_halt_loss_weight: float = 0.5, loss_type: str = "stablemax"
 ) -> ACTLossOutput:
     """The loss of one ACT step and the per-row quantities the metrics need."""
-    mask = labels != IGNORE_LABEL
-    n = mask.sum(-1)
-    denom = n.clamp_min(1)
+    denom = (labels != IGNORE_LABEL).sum(-1).clamp_min(1)
     lm = token_cross_entropy(logits, labels, loss_type).sum(-1) / denom
     with torch.no_grad():
         preds = logits.argmax(-1)
-        correct = ((preds == labels) & mask).sum(-1)
-        exact = correct == n
+        accuracy = row_accuracy(preds, labels)
+    exact = accuracy.exact
     q_loss = F.binary_cross_entropy_with_logits(q_halt_logits.float(), exact.float(), reduction="none")
     loss = (lm + q_halt_loss_weight * q_loss.double()).mean()
     return ACTLossOutput(
         loss=loss.float(),
         lm_loss=lm.detach().float(),
         q_halt_loss=q_loss.detach(),
-        token_accuracy=(correct.float() / denom),
+        token_accuracy=accuracy.cell.float(),  # as float32 division would give (double rounding is exact here)
         exact=exact,
-        has_labels=n > 0,
+        has_labels=accuracy.has_labels,
         predictions=preds,
     )

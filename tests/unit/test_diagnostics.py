@@ -14,7 +14,8 @@ from callbacks.collapse_alert import (
     RepresentationCollapseRule,
     RisingRule,
 )
-from callbacks.context_reliance import derangement, row_accuracy
+from callbacks.context_reliance import derangement
+from trm_lightning.losses import row_accuracy
 from callbacks.encoder_diagnostics import (
     batch_statistics,
     drift_statistics,
