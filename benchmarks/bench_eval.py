@@ -17,12 +17,9 @@ from trm_lightning.flops import trm_rollout_flops
 
 
 def measure(args, conditioning: str) -> dict:
-    model, dm = build(
-        args, f"--model.conditioning={conditioning}", f"--model.compile={args.compile}",
-        f"--data.eval_batch_size={args.batch}",
-    )
-    hp = model.hparams
-    model.to(args.device).eval()
+    lit, dm = build(args, conditioning, f"--data.eval_batch_size={args.batch}")
+    hp = lit.hparams
+    model = lit.model.to(args.device).eval()
     dm.setup()
     batches = [to_device(b, args.device) for _, b in zip(range(2), dm.val_dataloader()[0])]
     batches = [b for b in batches if b["inputs"].shape[0] == args.batch] or batches

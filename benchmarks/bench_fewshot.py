@@ -9,7 +9,7 @@
    occurs in training, but its parts do, and within a family all tasks draw inputs from one distribution, so
    a held-out query is ambiguous without its demos. The task directories are written under ``--out``.
 2. Two short trainings through the real CLI (``configs/fewshot_cpu.yaml``): encoder-TRM
-   (``model.conditioning=encoder``) and TRM's puzzle-id baseline (``model.conditioning=puzzle_emb``), same
+   (``model.conditioner=StandardDemoEncoder``) and TRM's puzzle-id baseline (``model.conditioner=PuzzleEmbedding``), same
    model, data, steps and seed.
 3. The held-out queries (original version, augmentation 0), one rollout each (``model.rollout``, exactly
    ``halt_max_steps`` ACT steps), counted as exact matches (every cell and the EOS border right), three ways:
@@ -64,6 +64,7 @@ from trm_lightning.data.synthetic import (  # noqa: E402
 from trm_lightning.module import TRMLitModule  # noqa: E402
 
 CONFIG = ROOT / "configs" / "fewshot_cpu.yaml"
+CONDITIONERS = {"encoder": "StandardDemoEncoder", "puzzle_emb": "PuzzleEmbedding"}  # run label -> model.conditioner
 RUN_VERSION = "bench"  # runs land in <out>/<conditioning>/bench/ (replaced by the next run)
 
 
@@ -97,13 +98,14 @@ def fit_command(args: argparse.Namespace, data: Path, conditioning: str, steps: 
         "--config", str(CONFIG),
         f"--data.train_source={data / 'train'}",
         f"--data.eval_source={data / 'heldout'}",
-        f"--model.conditioning={conditioning}",
         f"--seed_everything={args.seed}",
         f"--trainer.logger.init_args.save_dir={args.out}",
         f"--trainer.logger.init_args.name={conditioning}",
         f"--trainer.logger.init_args.version={RUN_VERSION}",
         *([] if steps is None else [f"--trainer.max_steps={steps}"]),
         *args.overrides,
+        # last: choosing another conditioner class drops the encoder knobs the overrides may set
+        f"--model.conditioner={CONDITIONERS[conditioning]}",
     ]
 
 
@@ -176,8 +178,8 @@ def score(model, batch: dict[str, torch.Tensor], context: torch.Tensor | None = 
     exact, cells = [], []
     for start in range(0, batch["inputs"].shape[0], chunk):
         part = {k: v[start : start + chunk] for k, v in batch.items()}
-        swap = None if context is None else (lambda _own, c=context[start : start + chunk]: c)
-        logits = model.rollout(part, context_fn=swap)[0]
+        own = None if context is None else context[start : start + chunk]
+        logits = model.model.rollout(part, context=own).logits
         has, hit, cell = row_accuracy(logits.argmax(-1), part["labels"])
         if not bool(has.all()):
             raise RuntimeError("an evaluation query without a known output")
@@ -197,7 +199,8 @@ def shuffled_context(model, batch: dict[str, torch.Tensor], rule_ids: torch.Tens
     model.eval()
     rows = batch["inputs"].shape[0]
     with torch.no_grad():
-        own = torch.cat([model.encode({k: v[i : i + chunk] for k, v in batch.items()}) for i in range(0, rows, chunk)])
+        own = torch.cat([model.model.encode({k: v[i : i + chunk] for k, v in batch.items()})
+                         for i in range(0, rows, chunk)])
     return score(model, batch, own[perm], chunk)
 
 

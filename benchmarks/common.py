@@ -1,8 +1,9 @@
 """Shared pieces of the benchmarks: build model and data from a real config, time on the right device, emit.
 
 Each benchmark builds the model and the datamodule through the ``trm`` CLI parser (``--config`` files plus
-overrides, exactly what ``trm fit`` would build), moves the model to the device and drives it directly
-(``training_step`` + backward + the optimizer), without a Trainer, so the number is the step itself.
+overrides, exactly what ``trm fit`` would build), moves the model to the device and drives the pure model
+(``EncoderTRM.act_step`` + the ACT loss + backward + the optimizer, :class:`TrainStep`), without a Trainer, so the
+number is the step itself.
 Batches are real ARC episodes (real demo counts per row), drawn once and reused.
 """
 
@@ -26,6 +27,11 @@ if str(ROOT) not in sys.path:  # run as `python benchmarks/x.py` from anywhere
 
 from trm_lightning.cli import build_cli  # noqa: E402
 from trm_lightning.flops import bf16_peak_tflops  # noqa: E402
+from trm_lightning.losses import act_loss  # noqa: E402
+from trm_lightning.models.conditioning import PuzzleEmbedding  # noqa: E402
+
+# the two conditionings every benchmark compares, by the label its lines print
+CONDITIONERS = {"puzzle_emb": "PuzzleEmbedding", "encoder": "StandardDemoEncoder"}
 
 PRESETS = {
     # the CPU demo config and the ARC config (hidden 512, canvas 30) of the issue
@@ -45,7 +51,7 @@ def base_parser(description: str) -> argparse.ArgumentParser:
                    help="autocast dtype (default: bf16 on a GPU, 32 on CPU where bf16 is slower)")
     p.add_argument("--compile", action="store_true", help="model.compile=true: torch.compile the TRM core's net and the demo encoder")
     p.add_argument("--crop-buckets", type=int, default=None,
-                   help="model.encoder_crop_buckets (default: the config's; 0 encodes the whole canvas)")
+                   help="model.conditioner.crop_buckets (default: the config's; 0 encodes the whole canvas)")
     p.add_argument("--json", default=str(ROOT / "runs" / "bench" / "results.jsonl"),
                    help="append one JSON record per line here")
     p.add_argument("overrides", nargs="*", help="extra trm options, e.g. --model.hidden_size=256 (after --)")
@@ -61,8 +67,9 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
-def build(args: argparse.Namespace, *extra: str):
-    """(model, datamodule) for the preset + overrides + ``extra``, with the batch size set and no logger."""
+def build(args: argparse.Namespace, conditioning: str, *extra: str):
+    """(LightningModule, datamodule) for the preset + overrides + ``extra`` with the conditioner of ``conditioning``
+    (a key of :data:`CONDITIONERS`), the batch size set and no logger."""
     cli = build_cli(
         [
             *PRESETS[args.preset],
@@ -72,13 +79,38 @@ def build(args: argparse.Namespace, *extra: str):
             f"--data.global_batch_size={args.batch}",
             f"--data.episodes_per_epoch={max(args.batch, 1) * 4}",
             "--data.num_workers=0",
-            *([] if args.crop_buckets is None else [f"--model.encoder_crop_buckets={args.crop_buckets}"]),
+            f"--model.conditioner={CONDITIONERS[conditioning]}",
+            f"--model.compile={args.compile}",
+            *([] if args.crop_buckets is None or conditioning != "encoder"
+              else [f"--model.conditioner.crop_buckets={args.crop_buckets}"]),
             *args.overrides,
             *extra,
         ],
         run=False,
     )
     return cli.model, cli.datamodule
+
+
+class TrainStep:
+    """One optimizer step as ``trm fit`` runs it, on the pure model: the ACT step on the carried rows, the ACT loss,
+    backward, the puzzle table's sign step (puzzle-id conditioning), AdamW. Call it with a batch."""
+
+    def __init__(self, lit, optimizer: torch.optim.Optimizer, args: argparse.Namespace) -> None:
+        self.model, self.hp, self.optimizer, self.args = lit.model, lit.hparams, optimizer, args
+        self.carry = None
+
+    def __call__(self, batch: dict[str, torch.Tensor]) -> None:
+        if self.carry is None:
+            self.carry = self.model.initial_carry(batch)
+        with autocast(self.args):
+            self.carry, out = self.model.act_step(self.carry, batch)
+            loss = act_loss(out.logits, self.carry.data["labels"], out.q_halt, self.hp.q_halt_loss_weight,
+                            self.hp.loss_type).loss
+        loss.backward()
+        if isinstance(self.model.conditioner, PuzzleEmbedding):
+            self.model.conditioner.sign_update(self.hp.puzzle_emb_lr, self.hp.puzzle_emb_weight_decay)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
 
 
 def autocast(args: argparse.Namespace):

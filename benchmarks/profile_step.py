@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from common import autocast, base_parser, build, cycle, emit, quiet, resolve_defaults, sync, to_device
+from common import TrainStep, base_parser, build, cycle, emit, quiet, resolve_defaults, sync, to_device
 
 
 def classify(name: str) -> str:
@@ -27,18 +27,15 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="write the kernel table here")
     args = resolve_defaults(parser.parse_args())
     quiet()
-    model, dm = build(args, "--model.conditioning=encoder", f"--model.compile={args.compile}")
-    model.to(args.device).train()
+    lit, dm = build(args, "encoder")
+    lit.to(args.device).train()
     batches = [to_device(b, args.device) for _, b in zip(range(2), dm.train_dataloader())]
     feed = cycle(batches)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    optimizer = torch.optim.AdamW([p for p in lit.parameters() if p.requires_grad], lr=1e-4)
+    train_step = TrainStep(lit, optimizer, args)
 
     def step() -> None:
-        with autocast(args):
-            out = model.training_step(next(feed), 0)
-        out["loss"].backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        train_step(next(feed))
 
     for _ in range(max(1, args.warmup)):
         step()

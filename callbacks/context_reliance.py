@@ -1,7 +1,8 @@
 """ContextReliance: how much the TRM's answers depend on the demo encoder's context.
 
 Every ``every_n_validations`` validations, each batch of the held-out view (dataloader 0, ``val``) is run
-again twice through ``pl_module.rollout`` with the context replaced:
+again twice through the model's rollout (``pl_module.model.rollout``) with the validation step's context
+replaced:
 
 - **shuffled**: row i gets the context of row ``perm[i]``, a fixed derangement that pairs rows of different
   tasks whenever the batch allows it (no task holds more than half the rows), see :func:`derangement`;
@@ -82,10 +83,11 @@ class ContextReliance(Callback):
         labels = batch["labels"]
         has, exact, cell = row_accuracy(outputs["predictions"], labels)
         counted = has.double()
+        model, context = pl_module.model, outputs["context"]
         with torch.no_grad(), trainer.precision_plugin.val_step_context():
-            zero_logits = pl_module.rollout(batch, context_fn=torch.zeros_like)[0]
+            zero_logits = model.rollout(batch, context=torch.zeros_like(context)).logits
             perm = derangement(batch["task_index"])
-            shuf_logits = pl_module.rollout(batch, context_fn=lambda c: c[perm])[0] if perm is not None else None
+            shuf_logits = model.rollout(batch, context=context[perm]).logits if perm is not None else None
         _, zero_exact, zero_cell = row_accuracy(zero_logits.argmax(-1), labels)
         s = self._sums
         s[ROWS] += counted.sum()

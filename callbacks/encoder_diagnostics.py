@@ -273,7 +273,7 @@ class EncoderDiagnostics(Callback):
         pl_module.eval()
         try:
             with torch.no_grad(), trainer.precision_plugin.forward_context():
-                context = pl_module.encode(batch)
+                context = pl_module.model.encode(batch)
         finally:
             pl_module.train(was_training)
         rows = context.detach().double().flatten(1)  # (2n, P*D)

@@ -5,7 +5,9 @@ all-reduce, so the norms are global and equal on every rank), after AMP unscalin
 clips the gradients. Logged every ``every_n_steps`` optimizer steps:
 
 - ``grad/<group>_norm``: the L2 norm of the gradients of the group's parameters (default groups:
-  ``encoder``; ``trm_core`` = ``trm.layers`` + ``trm.embed_tokens``; ``heads`` = ``trm.lm_head`` + ``trm.q_head``);
+  ``encoder`` = ``model.conditioner``; ``trm_core`` = ``model.trm.layers`` + ``model.trm.embed_tokens``; ``heads`` =
+  ``model.trm.lm_head`` + ``model.trm.q_head``); a group without trainable parameters (the puzzle table's
+  conditioner) is not logged;
 - ``grad/total_norm``: the L2 norm over every parameter of the module with a gradient (what clipping sees);
 - ``grad/clip_ratio = min(1, gradient_clip_val / total_norm)``: the factor norm clipping multiplies the
   gradients by (1.0 when clipping is off or clips by value);
@@ -21,9 +23,9 @@ from torch import Tensor, nn
 from trm_lightning.errors import ConfigError
 
 DEFAULT_GROUPS = {
-    "encoder": ["encoder"],
-    "trm_core": ["trm.layers", "trm.embed_tokens"],
-    "heads": ["trm.lm_head", "trm.q_head"],
+    "encoder": ["model.conditioner"],
+    "trm_core": ["model.trm.layers", "model.trm.embed_tokens"],
+    "heads": ["model.trm.lm_head", "model.trm.q_head"],
 }
 
 
@@ -42,11 +44,10 @@ def clip_ratio(norm: Tensor, clip_val: float | None) -> Tensor:
 
 
 def _resolve(module: nn.Module, path: str) -> nn.Module:
-    for part in path.split("."):
-        if not hasattr(module, part):
-            raise ConfigError(f"GradNorms: the module has no submodule '{path}'")
-        module = getattr(module, part)
-    return module
+    try:
+        return module.get_submodule(path)
+    except AttributeError:
+        raise ConfigError(f"GradNorms: the module has no submodule '{path}'") from None
 
 
 class GradNorms(Callback):
@@ -55,8 +56,8 @@ class GradNorms(Callback):
     Args:
         every_n_steps: optimizer steps between measurements; None uses ``trainer.log_every_n_steps``.
         groups: group name -> submodule paths of the LightningModule whose parameters form the group;
-            None gives ``encoder``, ``trm_core`` (trm.layers + trm.embed_tokens) and ``heads``
-            (trm.lm_head + trm.q_head).
+            None gives ``encoder`` (model.conditioner), ``trm_core`` (model.trm.layers + model.trm.embed_tokens)
+            and ``heads`` (model.trm.lm_head + model.trm.q_head).
         update_ratios: also log ``update_ratio/<group>`` (copies the group weights on measured steps).
     """
 
@@ -81,7 +82,9 @@ class GradNorms(Callback):
         self._params = {}
         for name, paths in self.groups.items():
             params = {id(p): p for path in paths for p in _resolve(pl_module, path).parameters()}
-            self._params[name] = [p for p in params.values() if p.requires_grad]
+            trainable = [p for p in params.values() if p.requires_grad]
+            if trainable:
+                self._params[name] = trainable
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer) -> None:
         # global_step is incremented after this optimizer step: k = global_step + 1 is the step being taken

@@ -4,7 +4,7 @@ For the first ``num_tasks`` distinct tasks of validation dataloader 0 (``val``, 
 each is fixed at the first validation (the first row of each task in the loader's order: with the
 datamodule, the first labelled test pair, augmentation 0) and kept for the whole run. After every
 ``every_n_validations``-th validation (sanity checks do not count) those rows go through
-``pl_module.rollout`` and one image per task is logged as ``grids/<task_id>`` at ``trainer.global_step``.
+``pl_module.model.rollout`` and one image per task is logged as ``grids/<task_id>`` at ``trainer.global_step``.
 
 An image is one strip (see :func:`render_episode`)::
 
@@ -275,7 +275,7 @@ class GridImages(Callback):
         self._due = False
         batch = {k: v.to(pl_module.device) for k, v in self._rows.items()}
         with torch.no_grad(), trainer.precision_plugin.val_step_context():
-            logits = pl_module.rollout(batch)[0]
+            logits = pl_module.model.rollout(batch).logits
         predictions = logits.argmax(-1).cpu()
         if not trainer.is_global_zero:  # rendering and writing only below: no collective
             return

@@ -64,8 +64,8 @@ class OverfitGate(Callback):
         exact, cell, n = 0.0, 0.0, 0
         for batch in self._loader:
             batch = {k: v.to(pl_module.device) for k, v in batch.items()}
-            logits, q, _ = pl_module.rollout(batch)
-            out = act_loss(logits, batch["labels"], q[:, 0])
+            logits, q_halt, _ = pl_module.model.rollout(batch)
+            out = act_loss(logits, batch["labels"], q_halt)
             exact += out.exact.sum().item()
             cell += out.token_accuracy.sum().item()
             n += out.exact.numel()

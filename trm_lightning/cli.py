@@ -15,23 +15,30 @@ LightningCLI parses anything.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import re
 import sys
+import textwrap
 import zipfile
 from pathlib import Path
 
+import docstring_parser
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch.cli import ArgsType, LightningCLI, SaveConfigCallback
 
 from callbacks.last_checkpoint import LastCheckpoint
 from callbacks.run_status import RunStatus
 from trm_lightning.data.datamodule import ARCDataModule
 from trm_lightning.errors import ConfigError, TRMError
-from trm_lightning.module import ARCHITECTURE_KEYS, TRMLitModule, architecture_mismatch
+from trm_lightning.architecture import TRM_ARCHITECTURE_KEYS, architecture_mismatch
+from trm_lightning.models.encoder import StandardDemoEncoder
+from trm_lightning.module import TRMLitModule
+from trm_lightning.trainer_state import explicit_logger_version
 from trm_lightning.report.runs import EXPERIMENT_FILE
 
 DEFAULT_LOGGER = {
@@ -46,6 +53,28 @@ DESCRIPTION = (
     "Also: `trm report RUNS_DIR [--baseline RUN] [--out DIR]` writes the experiment-tracking table "
     "(report.md, report.csv) and plots from the runs' logs (`trm report --help`)."
 )
+
+
+class HelpFormatter(DefaultHelpFormatter):
+    """jsonargparse's formatter, except that a text with line breaks (the epilog listing the conditioner's knobs)
+    keeps them instead of being reflowed into one paragraph."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if "\n" not in text:
+            return super()._fill_text(text, width, indent)
+        return "\n".join(indent + line for line in text.splitlines())
+
+
+def conditioner_help(cls: type = StandardDemoEncoder) -> str:
+    """The knobs of the default conditioner, one per line, from its signature and docstring (``trm fit --help``
+    lists them: they are the seed's encoder knobs, which ``--model.conditioner.help`` would otherwise hide)."""
+    docs = {p.arg_name: " ".join(p.description.split()) for p in docstring_parser.parse(cls.__doc__ or "").params}
+    lines = textwrap.wrap(f"{cls.__name__} knobs (the default model.conditioner; --model.conditioner.<name> VALUE "
+                          "on the command line, model.conditioner.init_args.<name> in YAML):", 100)
+    for name, param in list(inspect.signature(cls.__init__).parameters.items())[2:]:  # after self, shape
+        wrapped = textwrap.wrap(f"{docs.get(name, '')} (default: {param.default!r})", 96)
+        lines += [f"  {name}"] + [f"      {part}" for part in wrapped]
+    return "\n".join(lines)
 
 
 def hypothesis_line(path: str | os.PathLike) -> str | None:
@@ -139,8 +168,8 @@ class TRMCLI(LightningCLI):
             raise ConfigError(f"--ckpt_path {path}: corrupted checkpoint (bad CRC in {bad})")
         saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters", {})
         config = self.config[subcommand]
-        wanted = {k: config["model"].get(k) for k in ARCHITECTURE_KEYS if k != "num_puzzle_ids"}  # not known yet
-        wanted["canvas_size"] = config["data"]["canvas_size"]  # linked from the data
+        wanted = {k: config["model"].get(k) for k in (*TRM_ARCHITECTURE_KEYS, "conditioner") if k != "num_puzzle_ids"}
+        wanted["canvas_size"] = config["data"]["canvas_size"]  # linked from the data; num_puzzle_ids is not known yet
         differ = architecture_mismatch(saved, wanted)
         if differ:
             raise ConfigError(
@@ -151,7 +180,7 @@ class TRMCLI(LightningCLI):
     def _check_run_dir(self) -> None:
         """A run never writes into an existing run directory (an explicit ``logger.version`` that is taken)."""
         logger = self.trainer.logger
-        version = getattr(logger, "_version", None)
+        version = explicit_logger_version(logger)
         root = getattr(logger, "root_dir", None)
         if version is None or not isinstance(root, (str, os.PathLike)):
             return  # no logger (or fast_dev_run's dummy), or a fresh version number chosen by the logger
@@ -177,7 +206,11 @@ def build_cli(args: ArgsType = None, run: bool = True) -> TRMCLI:
         save_config_kwargs={"overwrite": False},  # never over another run's config.yaml
         seed_everything_default=0,
         trainer_defaults={"logger": DEFAULT_LOGGER},
-        parser_kwargs={"description": DESCRIPTION},
+        parser_kwargs={
+            "description": DESCRIPTION,
+            **{sub: {"epilog": conditioner_help(), "formatter_class": HelpFormatter}
+               for sub in ("fit", "validate", "test", "predict")},
+        },
         args=args,
         run=run,
     )

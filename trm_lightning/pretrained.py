@@ -17,17 +17,21 @@ from trm_lightning.data.arc import ArcTask, load_source
 from trm_lightning.errors import ConfigError, DataError
 
 
+TRM_PREFIX = "model.trm."  # where TRMLitModule keeps the TRM core's weights in its state dict
+
+
 def load_trm_weights(trm: nn.Module, path: str) -> dict:
-    """Copy the ``trm.*`` weights of checkpoint ``path`` into ``trm``; returns the checkpoint's data hparams."""
+    """Copy the TRM core's weights (``model.trm.*``) of checkpoint ``path`` into ``trm``; returns the checkpoint's
+    data hparams."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise ConfigError(f"model.trm_init_ckpt {path}: no such file") from None
     except Exception as err:  # noqa: BLE001  (any unreadable file: one clear line)
         raise ConfigError(f"model.trm_init_ckpt {path}: not a readable checkpoint ({type(err).__name__})") from None
-    state = {k[len("trm."):]: v for k, v in ckpt.get("state_dict", {}).items() if k.startswith("trm.")}
+    state = {k[len(TRM_PREFIX):]: v for k, v in ckpt.get("state_dict", {}).items() if k.startswith(TRM_PREFIX)}
     if not state:
-        raise ConfigError(f"model.trm_init_ckpt {path}: the checkpoint holds no TRM core weights (trm.*)")
+        raise ConfigError(f"model.trm_init_ckpt {path}: the checkpoint holds no TRM core weights ({TRM_PREFIX}*)")
     own = trm.state_dict()
     differ = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
     if differ or set(own) != set(state):

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from typing import Any
+
 from lightning.pytorch import Trainer
 from torch import nn
 
@@ -40,3 +42,11 @@ def ignore_in_ddp(module: nn.Module, names: Iterable[str]) -> None:
     Private torch API (no public one exists): used for the puzzle-id table, which every rank updates identically
     by the same sign step, so broadcasting it (hundreds of MB) at every step would only cost time."""
     nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, list(names))
+
+
+def explicit_logger_version(logger: Any) -> int | str | None:
+    """The version a logger was told to use (``trainer.logger.init_args.version``), None when it picks a new one.
+
+    Private: reading the public ``logger.version`` would make the logger choose (and create) a new version
+    directory, which is what this question must not do."""
+    return getattr(logger, "_version", None)

@@ -22,7 +22,7 @@ def test_bench_fewshot_end_to_end_tiny(tmp_path, capsys, one_thread):
     line = _driver().main([
         "--steps", "3", "--train-tasks", "40", "--heldout-tasks", "12", "--train-eval-queries", "8",
         "--out", str(tmp_path),
-        "--", "--model.hidden_size=32", "--model.num_heads=2", "--model.encoder_num_layers=1",
+        "--", "--model.hidden_size=32", "--model.num_heads=2", "--model.conditioner.num_layers=1",
         "--model.halt_max_steps=2", "--data.global_batch_size=8", "--data.episodes_per_epoch=24",
     ])
     printed = capsys.readouterr().out.strip().splitlines()

@@ -27,8 +27,8 @@ def _fit(dirs, tmp_path, callbacks, *args, encode=None, max_steps=4):
     cli = build_tiny(train_dir, eval_dir, tmp_path, f"--trainer.max_steps={max_steps}", *args)
     cli.trainer.callbacks.extend(callbacks)
     if encode is not None:
-        real = cli.model.encode
-        cli.model.encode = lambda data: encode(real(data), cli.trainer)
+        real = cli.model.model.encode
+        cli.model.model.encode = lambda data: encode(real(data), cli.trainer)
     cli.trainer.fit(cli.model, cli.datamodule)
     return cli
 

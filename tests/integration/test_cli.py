@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import subprocess
@@ -12,6 +13,7 @@ import pytest
 
 from tests.integration.helpers import ROOT, tiny_args
 from trm_lightning.cli import build_cli
+from trm_lightning.models.encoder import StandardDemoEncoder
 
 TRM = str(Path(sys.executable).parent / "trm")
 CONFIGS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").rglob("*.yaml"))
@@ -27,8 +29,16 @@ def test_help_and_module_entry_point():
     out = _run("--help")
     assert out.returncode == 0 and "fit" in out.stdout and "test" in out.stdout
     fit_help = _run("fit", "--help")
-    assert "--model.encoder_pooling_method" in fit_help.stdout
-    assert "how a demo's tokens become one vector" in fit_help.stdout  # docstrings become --help
+    assert "--model.conditioner" in fit_help.stdout and "--model.lr_warmup_steps" in fit_help.stdout
+    assert "linear warmup steps from 0" in fit_help.stdout  # docstrings become --help
+    # every knob of the default conditioner (the seed's encoder knobs) is documented in `trm fit --help`
+    knobs = list(inspect.signature(StandardDemoEncoder.__init__).parameters)[2:]
+    assert len(knobs) == 8
+    for knob in knobs:
+        assert f"\n  {knob}\n" in fit_help.stdout, knob
+    assert "how a demo pair's tokens become one vector" in fit_help.stdout
+    knob_help = _run("fit", "--model.conditioner.help", "StandardDemoEncoder")
+    assert knob_help.returncode == 0 and "--model.conditioner.pooling_method" in knob_help.stdout
     mod = subprocess.run([sys.executable, "-m", "trm_lightning", "--help"], capture_output=True, text=True, cwd=ROOT)
     assert mod.returncode == 0 and "fit" in mod.stdout
 

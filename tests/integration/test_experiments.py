@@ -19,21 +19,21 @@ EXPECTED = {
     "E2_lr": {"model.lr": 3e-5},
     "E3_grad_clip": {"trainer.gradient_clip_val": 1.0},
     "E4_lr_clip": {"model.lr": 3e-5, "trainer.gradient_clip_val": 1.0},
-    "E5_encoder_depth": {"model.encoder_num_layers": 4},
+    "E5_encoder_depth": {"model.conditioner.init_args.num_layers": 4},
     "E6_output_tokens": {"model.puzzle_emb_len": 32},
-    "E7_attention_pooling": {"model.encoder_pooling_method": "attention"},
-    "E8_set_layers": {"model.encoder_set_layers": 2},
-    "E9_layer_scale": {"model.encoder_layer_scale_init": 1e-4},
-    "E10_pre_norm": {"model.encoder_norm_style": "pre"},
+    "E7_attention_pooling": {"model.conditioner.init_args.pooling_method": "attention"},
+    "E8_set_layers": {"model.conditioner.init_args.set_layers": 2},
+    "E9_layer_scale": {"model.conditioner.init_args.layer_scale_init": 1e-4},
+    "E10_pre_norm": {"model.conditioner.init_args.norm_style": "pre"},
     "E11_encoder_lr_scale": {"model.encoder_lr_scale": 0.1},
-    "E12_transform_diff": {"model.encoder_transform": "diff"},
-    "E13_transform_cross": {"model.encoder_transform": "cross"},
-    "E14_test_conditioning": {"model.encoder_test_conditioning": True},
+    "E12_transform_diff": {"model.conditioner.init_args.transform": "diff"},
+    "E13_transform_cross": {"model.conditioner.init_args.transform": "cross"},
+    "E14_test_conditioning": {"model.conditioner.init_args.test_conditioning": True},
     "E15_encoder_first": {"model.freeze_trm_steps": 5000},
     "E16_leave_one_out": {"data.leave_one_out_prob": 0.5},
-    "E_combined": {"model.lr": 3e-5, "trainer.gradient_clip_val": 1.0, "model.encoder_num_layers": 4,
-                   "model.encoder_pooling_method": "attention", "model.encoder_set_layers": 2,
-                   "model.encoder_layer_scale_init": 1e-4, "model.encoder_norm_style": "pre"},
+    "E_combined": {"model.lr": 3e-5, "trainer.gradient_clip_val": 1.0, "model.conditioner.init_args.num_layers": 4,
+                   "model.conditioner.init_args.pooling_method": "attention", "model.conditioner.init_args.set_layers": 2,
+                   "model.conditioner.init_args.layer_scale_init": 1e-4, "model.conditioner.init_args.norm_style": "pre"},
 }
 
 
@@ -102,7 +102,10 @@ def test_experiment_runs_two_steps(name, tmp_path, synthetic_task_dir, synthetic
     for key, value in EXPECTED[name].items():
         section, attr = key.split(".", 1)
         if section == "model":
-            assert _same(cli.model.hparams[attr], value), key
+            stored = cli.model.hparams
+            for part in attr.split("."):  # conditioner.init_args.<knob> is nested
+                stored = stored[part]
+            assert _same(stored, value), key
         elif section == "data" and attr != "episodes_per_epoch":
             assert getattr(cli.datamodule, attr) == value, key
         elif key == "trainer.gradient_clip_val":

@@ -65,6 +65,22 @@ def test_checkpoint_of_another_config(capsys, tmp_path, finished_run, synthetic_
     assert _digest(last) == before
 
 
+def test_checkpoint_of_another_conditioner_config(capsys, tmp_path, finished_run, synthetic_task_dir, synthetic_eval_dir):
+    """A conditioner knob is architecture (named in the error); a runtime option (crop_buckets) is not."""
+    _, _, last = finished_run
+    before = _digest(last)
+    line = _error(capsys, "fit", *tiny_args(synthetic_task_dir, synthetic_eval_dir, tmp_path, f"--ckpt_path={last}",
+                                            "--trainer.max_steps=4", "--model.conditioner.num_layers=2"))
+    assert "another model configuration: conditioner.num_layers=1 (config: 2)" in line
+    line = _error(capsys, "fit", *tiny_args(synthetic_task_dir, synthetic_eval_dir, tmp_path, f"--ckpt_path={last}",
+                                            "--model.conditioner=PuzzleEmbedding"))
+    assert ("conditioner=trm_lightning.models.encoder.StandardDemoEncoder "
+            "(config: trm_lightning.models.conditioning.PuzzleEmbedding)") in line
+    main(["fit", *tiny_args(synthetic_task_dir, synthetic_eval_dir, tmp_path / "resumed", f"--ckpt_path={last}",
+                            "--trainer.max_steps=3", "--model.conditioner.crop_buckets=0")])
+    assert _digest(last) == before
+
+
 def test_existing_run_directory_is_never_reused(capsys, finished_run, synthetic_task_dir, synthetic_eval_dir):
     out, run_dir, last = finished_run
     before = _digest(last)

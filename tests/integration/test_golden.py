@@ -33,7 +33,7 @@ STEPS = 20
 
 CONDITIONINGS = {
     "encoder": [],
-    "puzzle_emb": ["--model.conditioning=puzzle_emb", "--data.train_on_eval_demos=true",
+    "puzzle_emb": ["--model.conditioner=PuzzleEmbedding", "--data.train_on_eval_demos=true",
                    "--data.num_train_augmentations=3", "--model.puzzle_emb_lr=0.01"],
 }
 
@@ -62,8 +62,7 @@ def _record(train_dir, eval_dir, out_dir, extra: list[str]) -> dict:
     model = cli.model.eval()
     batch = next(iter(cli.datamodule.val_dataloader()[0]))
     with torch.no_grad():
-        logits, q = model.rollout(batch)[:2]
-        q_halt = q[:, 0]
+        logits, q_halt = model.model.rollout(batch)[:2]
     weights = sorted(
         ({"shape": list(v.shape), "sha256": _digest(v), "sum": float(v.double().sum())}
          for v in model.state_dict().values()),

@@ -121,11 +121,13 @@ def test_rows_come_from_the_first_batch_when_the_dataset_lists_no_keys():
         "task_index": torch.tensor(tasks),
     }
 
+    class Model:
+        def rollout(self, b):  # predicts the target exactly
+            return SimpleNamespace(logits=torch.nn.functional.one_hot(b["inputs"].long(), 12).float())
+
     class Module:
         device = torch.device("cpu")
-
-        def rollout(self, b):  # predicts the target exactly
-            return torch.nn.functional.one_hot(b["inputs"].long(), 12).float(), None, None
+        model = Model()
 
     writer = _Writer()
     trainer = SimpleNamespace(
@@ -178,7 +180,7 @@ def test_tiny_fit_logs_one_image_per_task_per_validation(synthetic_task_dir, syn
     dataset = EpisodeDataset(dm.eval_tasks, dm.canvas_size, dm.max_demos, seed=dm.seed)
     rows = default_collate([dataset[EpisodeKey(t, dm.eval_tasks[t].labelled_test_indices[0], 0)] for t in range(2)])
     with torch.no_grad():
-        predictions = cli.model.rollout(rows)[0].argmax(-1)
+        predictions = cli.model.model.rollout(rows).logits.argmax(-1)
     expected = render_rows(rows, predictions, cell_pixels=8)
     for task_id, image in zip(task_ids, expected):
         events = ea.Images(f"grids/{task_id}")

@@ -80,8 +80,8 @@ def runs(tmp_path_factory, synthetic_task_dir, synthetic_eval_dir):
             spy = out[name] = Spy(fail_at=3 if name == "R2_crash" else None)
             cli.trainer.callbacks.append(spy)  # after EncoderDiagnostics: sees this step's values
             if name == "R1_collapse":
-                real = cli.model.encode
-                cli.model.encode = lambda data, real=real: _constant(real(data))
+                real = cli.model.model.encode
+                cli.model.model.encode = lambda data, real=real: _constant(real(data))
             if name == "R2_crash":
                 with pytest.raises(RuntimeError, match="injected failure"):
                     cli.trainer.fit(cli.model, cli.datamodule)

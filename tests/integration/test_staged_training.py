@@ -17,7 +17,7 @@ def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 def test_frozen_part_is_bit_identical_and_the_other_trains(frozen, tmp_path, synthetic_task_dir, synthetic_eval_dir):
     cli = build_tiny(synthetic_task_dir, synthetic_eval_dir, tmp_path, "--trainer.max_steps=3",
                      "--model.lr_warmup_steps=0", f"--model.freeze_{frozen}_steps=3")
-    parts = {"trm": cli.model.trm, "encoder": cli.model.encoder}
+    parts = {"trm": cli.model.model.trm, "encoder": cli.model.model.conditioner}
     before = {name: _snapshot(m) for name, m in parts.items()}
     cli.trainer.fit(cli.model, cli.datamodule)
     after = {name: _snapshot(m) for name, m in parts.items()}
@@ -36,8 +36,8 @@ def test_trm_init_ckpt_loads_the_core_and_reports_its_data(tmp_path, synthetic_t
     with pytest.warns(UserWarning, match=r"train_on_eval_demos=True: it trained on its evaluation tasks' demos \(LEAK\)"):
         cli = build_tiny(synthetic_task_dir, synthetic_eval_dir, tmp_path / "post", "--trainer.max_steps=1",
                          f"--model.trm_init_ckpt={ckpt}", "--model.freeze_trm_steps=1")
-        for k, v in cli.model.trm.state_dict().items():
-            assert torch.equal(v, saved[f"trm.{k}"]), k
+        for k, v in cli.model.model.trm.state_dict().items():
+            assert torch.equal(v, saved[f"model.trm.{k}"]), k
         cli.trainer.fit(cli.model, cli.datamodule)
-    for k, v in cli.model.trm.state_dict().items():  # frozen for the one step: still the loaded weights
-        assert torch.equal(v, saved[f"trm.{k}"]), k
+    for k, v in cli.model.model.trm.state_dict().items():  # frozen for the one step: still the loaded weights
+        assert torch.equal(v, saved[f"model.trm.{k}"]), k

@@ -9,6 +9,7 @@ import torch
 from lightning.pytorch import Callback
 
 from tests.integration.helpers import build_tiny, run_tiny
+from trm_lightning.models.conditioning import PuzzleEmbedding
 
 
 def _last_ckpt(cli) -> str:
@@ -37,9 +38,9 @@ class GradRecorder(Callback):
     "variant",
     [
         [],
-        ["--model.encoder_pooling_method=attention", "--model.encoder_norm_style=pre",
-         "--model.encoder_layer_scale_init=1e-4"],
-        ["--model.encoder_pooling_method=weighted", "--model.encoder_set_layers=2", "--model.encoder_num_layers=2"],
+        ["--model.conditioner.pooling_method=attention", "--model.conditioner.norm_style=pre",
+         "--model.conditioner.layer_scale_init=1e-4"],
+        ["--model.conditioner.pooling_method=weighted", "--model.conditioner.set_layers=2", "--model.conditioner.num_layers=2"],
     ],
     ids=["seed-default", "attention-pre-layerscale", "weighted-2set"],
 )
@@ -61,7 +62,7 @@ def test_optimizer_groups_and_lr_ratio(synthetic_task_dir, synthetic_eval_dir, t
     assert set(groups) == {"encoder", "trm"}
     assert groups["encoder"]["lr"] == pytest.approx(0.1 * groups["trm"]["lr"])
     assert groups["trm"]["lr"] == pytest.approx(1e-3)
-    enc_ids = {id(p) for p in cli.model.encoder.parameters()}
+    enc_ids = {id(p) for p in cli.model.model.conditioner.parameters()}
     assert {id(p) for p in groups["encoder"]["params"]} == enc_ids
     assert groups["trm"]["betas"] == (0.9, 0.95)
 
@@ -110,18 +111,18 @@ def test_train_metrics_count_only_halted_rows(synthetic_task_dir, synthetic_eval
 
 
 def test_seed_knobs_reach_the_model_through_the_cli(synthetic_task_dir, synthetic_eval_dir, tmp_path):
-    base = build_tiny(synthetic_task_dir, synthetic_eval_dir, tmp_path).model
+    base = build_tiny(synthetic_task_dir, synthetic_eval_dir, tmp_path).model.model
     cases = {
-        "encoder_num_layers=3": lambda m: len(m.encoder.grid_encoder.layers) == 3,
-        "puzzle_emb_len=5": lambda m: m.encoder.set_encoder.queries.shape[0] == 5 and m.trm.prefix_len == 5,
-        "encoder_pooling_method=attention": lambda m: hasattr(m.encoder.grid_encoder, "pool_attn"),
-        "encoder_set_layers=2": lambda m: len(m.encoder.set_encoder.layers) == 2,
-        "encoder_layer_scale_init=0.001": lambda m: any(n.endswith("gamma") for n, _ in m.encoder.named_parameters()),
-        "encoder_norm_style=pre": lambda m: m.encoder.grid_encoder.layers[0].norm_style == "pre",
+        "conditioner.num_layers=3": lambda m: len(m.conditioner.grid_encoder.layers) == 3,
+        "puzzle_emb_len=5": lambda m: m.conditioner.set_encoder.queries.shape[0] == 5 and m.trm.prefix_len == 5,
+        "conditioner.pooling_method=attention": lambda m: hasattr(m.conditioner.grid_encoder, "pool_attn"),
+        "conditioner.set_layers=2": lambda m: len(m.conditioner.set_encoder.layers) == 2,
+        "conditioner.layer_scale_init=0.001": lambda m: any(n.endswith("gamma") for n, _ in m.conditioner.named_parameters()),
+        "conditioner.norm_style=pre": lambda m: m.conditioner.grid_encoder.layers[0].norm_style == "pre",
         "H_cycles=3": lambda m: m.trm.H_cycles == 3,
     }
     for arg, check in cases.items():
-        model = build_tiny(synthetic_task_dir, synthetic_eval_dir, tmp_path, f"--model.{arg}").model
+        model = build_tiny(synthetic_task_dir, synthetic_eval_dir, tmp_path, f"--model.{arg}").model.model
         assert check(model), arg
         assert not check(base), arg
 
@@ -129,7 +130,7 @@ def test_seed_knobs_reach_the_model_through_the_cli(synthetic_task_dir, syntheti
 def test_canvas_size_is_linked_from_data(synthetic_task_dir, synthetic_eval_dir, tmp_path):
     cli = build_tiny(synthetic_task_dir, synthetic_eval_dir, tmp_path, "--data.canvas_size=7")
     assert cli.model.hparams.canvas_size == 7
-    assert cli.model.trm.rope.cos.shape[0] == 2 + 49
+    assert cli.model.model.trm.rope.cos.shape[0] == 2 + 49
 
 
 def test_validation_rollout_is_deterministic(synthetic_task_dir, synthetic_eval_dir, tmp_path):
@@ -138,8 +139,8 @@ def test_validation_rollout_is_deterministic(synthetic_task_dir, synthetic_eval_
     batch = next(iter(cli.datamodule.val_dataloader()[0]))
     model = cli.model.eval()
     with torch.no_grad():
-        a = model.rollout(batch)[0]
-        b = model.rollout(batch)[0]
+        a = model.model.rollout(batch).logits
+        b = model.model.rollout(batch).logits
     assert torch.equal(a, b)
 
 
@@ -151,15 +152,15 @@ def test_ema_weights_are_evaluated_and_checkpointed(synthetic_task_dir, syntheti
 
     class WeightSpy(Callback):
         def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
-            seen["val"] = pl_module.trm.lm_head.weight.detach().clone()
+            seen["val"] = pl_module.model.trm.lm_head.weight.detach().clone()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            seen["train"] = pl_module.trm.lm_head.weight.detach().clone()
+            seen["train"] = pl_module.model.trm.lm_head.weight.detach().clone()
 
     cli.trainer.callbacks.append(WeightSpy())
     cli.trainer.fit(cli.model, cli.datamodule)
     ckpt = torch.load(_last_ckpt(cli), weights_only=False)
-    ema, live = ckpt["state_dict"]["trm.lm_head.weight"], ckpt["current_model_state"]["trm.lm_head.weight"]
+    ema, live = ckpt["state_dict"]["model.trm.lm_head.weight"], ckpt["current_model_state"]["model.trm.lm_head.weight"]
     assert not torch.equal(ema, live)  # the checkpoint keeps both: EMA as state_dict, live weights beside it
     assert "averaging_state" in ckpt
     assert not torch.equal(seen["val"], seen["train"])  # validation ran on the averaged weights
@@ -168,25 +169,26 @@ def test_ema_weights_are_evaluated_and_checkpointed(synthetic_task_dir, syntheti
 def test_puzzle_emb_baseline_trains_its_table_by_sign_steps(synthetic_task_dir, synthetic_eval_dir, tmp_path):
     cli = build_tiny(
         synthetic_task_dir, synthetic_eval_dir, tmp_path, "--trainer.max_steps=4", "--model.lr_warmup_steps=0",
-        "--model.conditioning=puzzle_emb", "--model.puzzle_emb_lr=0.01", "--model.puzzle_emb_weight_decay=0.0",
+        "--model.conditioner=PuzzleEmbedding", "--model.puzzle_emb_lr=0.01", "--model.puzzle_emb_weight_decay=0.0",
         "--data.train_on_eval_demos=true", "--data.num_train_augmentations=3",
     )
     model, dm = cli.model, cli.datamodule
-    assert model.encoder is None and model.puzzle_emb is not None
+    table = model.model.conditioner
+    assert isinstance(table, PuzzleEmbedding)
     n_tasks = len(dm.train_tasks) + len(dm.eval_tasks)
-    assert model.puzzle_emb.num_ids == 1 + n_tasks * 3 == dm.num_puzzle_ids
+    assert table.num_ids == 1 + n_tasks * 3 == dm.num_puzzle_ids
     recorder = GradRecorder()
     cli.trainer.callbacks.append(recorder)
     cli.trainer.fit(model, dm)
     assert recorder.zero_grad_params == []  # every TRM parameter is reached through the puzzle prefix
     groups = {g["name"] for g in cli.trainer.optimizers[0].param_groups}
     assert groups == {"trm"}  # the table is never an AdamW parameter
-    table = model.puzzle_emb.weights
+    table = table.weights
     touched = table.abs().sum(1) > 0
     assert touched.sum() > 0 and not touched[0]  # trained rows, and the blank id stays zero
     # SignSGD with lr 0.01, no decay, 4 steps: every entry is a multiple of 0.01 of magnitude <= 0.04
     values = table[touched]
     assert torch.allclose(values / 0.01, (values / 0.01).round(), atol=1e-4) and values.abs().max() <= 0.04 + 1e-6
     ckpt = torch.load(_last_ckpt(cli), weights_only=False)
-    saved = ckpt["state_dict"]["puzzle_emb.weights"]  # the table is checkpointed (a persistent buffer)
+    saved = ckpt["state_dict"]["model.conditioner.weights"]  # the table is checkpointed (a persistent buffer)
     assert saved.shape == table.shape and saved.abs().sum() > 0

@@ -7,23 +7,27 @@ import math
 import pytest
 import torch
 
-from trm_lightning.models.conditioning import PuzzleEmbedding
+from trm_lightning.models.conditioning import ConditionerShape, PuzzleEmbedding
+
+
+def _table(num_ids: int, hidden_size: int, prefix_len: int) -> PuzzleEmbedding:
+    return PuzzleEmbedding(ConditionerShape(hidden_size=hidden_size, prefix_len=prefix_len, num_puzzle_ids=num_ids))
 
 
 def test_prefix_is_zero_init_vector_in_slot_zero():
-    emb = PuzzleEmbedding(num_ids=10, hidden_size=8, prefix_len=4)
+    emb = _table(10, 8, 4)
     emb.weights[3] = torch.arange(8.0)
-    out = emb.eval()(torch.tensor([3, 0]))
+    out = emb.eval()({"puzzle_id": torch.tensor([3, 0])})
     assert out.shape == (2, 4, 8)
     assert torch.allclose(out[0, 0], torch.arange(8.0) * math.sqrt(8))  # TRM's sqrt(D) embedding scale
     assert out[0, 1:].abs().sum() == 0 and out[1].abs().sum() == 0  # other slots and the blank id: zeros
 
 
 def test_sign_update_touches_only_the_rows_used():
-    emb = PuzzleEmbedding(num_ids=1000, hidden_size=16, prefix_len=2).train()
+    emb = _table(1000, 16, 2).train()
     emb.weights[7] = 1.0
     ids = torch.tensor([7, 7, 42, 0])
-    out = emb(ids)
+    out = emb({"puzzle_id": ids})
     # row 7 appears twice: the gradients of the two rows are summed before the sign
     (out[:, 0] * torch.tensor([1.0, -3.0, 2.0, 5.0]).view(-1, 1)).sum().backward()
     before = emb.weights.clone()
@@ -39,8 +43,8 @@ def test_sign_update_touches_only_the_rows_used():
 
 
 def test_gather_sums_gradients_over_ranks():
-    emb = PuzzleEmbedding(num_ids=5, hidden_size=4, prefix_len=1).train()
-    emb(torch.tensor([2]))[:, 0].sum().backward()  # gradient +sqrt(4) = +2 from this rank
+    emb = _table(5, 4, 1).train()
+    emb({"puzzle_id": torch.tensor([2])})[:, 0].sum().backward()  # gradient +sqrt(4) = +2 from this rank
     other_rank = (torch.tensor([2, 2]), torch.full((2, 4), -1.5))  # -3 from the other ranks
     gathered = iter(other_rank)
     emb.sign_update(0.5, 0.0, gather=lambda t: torch.cat([t, next(gathered)]))
@@ -49,4 +53,4 @@ def test_gather_sums_gradients_over_ranks():
 
 def test_out_of_range_id_is_an_error():
     with pytest.raises(IndexError, match=r"puzzle ids must be in \[0, 5\)"):
-        PuzzleEmbedding(num_ids=5, hidden_size=4, prefix_len=1)(torch.tensor([5]))
+        _table(5, 4, 1)({"puzzle_id": torch.tensor([5])})

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from trm_lightning.models.conditioning import ConditionerShape
 from trm_lightning.models.encoder import StandardDemoEncoder
 from trm_lightning.models.layers import Attention, rms_norm, swiglu_intermediate
 from trm_lightning.models.trm import TinyRecursiveModel
@@ -21,16 +22,16 @@ def _demos(B=3, K=4, seed=0):
     return di, do, mask
 
 
-def _encoder(**kw):
+def _encoder(num_heads=4, output_tokens=4, **knobs):
     torch.manual_seed(0)
-    args = dict(hidden_size=D, num_heads=4, output_tokens=4, canvas_size=S)
-    args.update(kw)
-    return StandardDemoEncoder(**args)
+    shape = ConditionerShape(hidden_size=D, prefix_len=output_tokens, num_heads=num_heads, canvas_size=S)
+    return StandardDemoEncoder(shape, **knobs)
 
 
 def test_reference_parameter_counts():
     assert sum(p.numel() for p in TinyRecursiveModel().parameters()) == 6_829_058
-    assert sum(p.numel() for p in StandardDemoEncoder().parameters()) == 10_506_240
+    arc = ConditionerShape(hidden_size=512, prefix_len=16, num_heads=8, canvas_size=30)
+    assert sum(p.numel() for p in StandardDemoEncoder(arc).parameters()) == 10_506_240
     assert swiglu_intermediate(512, 4) == 1536
 
 
@@ -43,13 +44,13 @@ def test_rms_norm_unit_rms_and_dtype():
 
 @pytest.mark.parametrize("pooling", ["mean", "attention", "weighted"])
 def test_masked_demo_slots_do_not_change_output(pooling):
-    enc = _encoder(pooling=pooling)
+    enc = _encoder(pooling_method=pooling)
     di, do, mask = _demos()
-    ref = enc(di, do, mask)
+    ref = enc.encode(di, do, mask)
     di2, do2 = di.clone(), do.clone()
     di2[~mask] = 7  # garbage in every masked slot
     do2[~mask] = 3
-    assert torch.equal(enc(di2, do2, mask), ref)
+    assert torch.equal(enc.encode(di2, do2, mask), ref)
     assert ref.shape == (3, 4, D)
     assert torch.allclose(ref.pow(2).mean(-1), torch.ones(3, 4), atol=1e-4)  # unit RMS per token
 
@@ -68,7 +69,7 @@ def test_row_without_demos_gives_finite_context():
     enc = _encoder()
     di, do, mask = _demos()
     mask[1] = False
-    assert torch.isfinite(enc(di, do, mask)).all()
+    assert torch.isfinite(enc.encode(di, do, mask)).all()
 
 
 @pytest.mark.parametrize(
@@ -76,8 +77,8 @@ def test_row_without_demos_gives_finite_context():
     [
         ("num_layers", 3),
         ("output_tokens", 8),
-        ("pooling", "attention"),
-        ("pooling", "weighted"),
+        ("pooling_method", "attention"),
+        ("pooling_method", "weighted"),
         ("set_layers", 2),
         ("layer_scale_init", 1e-4),
         ("norm_style", "pre"),
@@ -89,7 +90,7 @@ def test_each_seed_knob_changes_the_encoder(knob, value):
     names_base = {n: p.shape for n, p in base.named_parameters()}
     names_new = {n: p.shape for n, p in changed.named_parameters()}
     di, do, mask = _demos()
-    out_base, out_new = base(di, do, mask), changed(di, do, mask)
+    out_base, out_new = base.encode(di, do, mask), changed.encode(di, do, mask)
     # either the parameters differ in structure, or (same structure) the function differs
     assert names_base != names_new or not torch.allclose(out_base, out_new)
     if knob == "output_tokens":
@@ -104,7 +105,7 @@ def test_layer_scale_starts_small():
 
 def test_bad_knob_values_fail_clearly():
     with pytest.raises(ValueError, match="pooling"):
-        _encoder(pooling="max")
+        _encoder(pooling_method="max")
     with pytest.raises(ValueError, match="norm_style"):
         _encoder(norm_style="sandwich")
     with pytest.raises(ValueError, match="divisible"):
@@ -140,12 +141,12 @@ def _real_grids(n, seed=0):
 def test_cropped_encoding_equals_the_full_canvas(pooling, norm_style):
     di, do = _real_grids(12)
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0]], dtype=torch.bool)
-    full = _encoder(pooling=pooling, norm_style=norm_style, crop_buckets=0)
-    cropped = _encoder(pooling=pooling, norm_style=norm_style, crop_buckets=3)
+    full = _encoder(pooling_method=pooling, norm_style=norm_style, crop_buckets=0)
+    cropped = _encoder(pooling_method=pooling, norm_style=norm_style, crop_buckets=3)
     assert torch.equal(torch.cat([p.flatten() for p in full.parameters()]),
                        torch.cat([p.flatten() for p in cropped.parameters()]))
-    ref = full(di, do, mask)
-    out = cropped(di, do, mask)
+    ref = full.encode(di, do, mask)
+    out = cropped.encode(di, do, mask)
     assert torch.allclose(out, ref, atol=2e-5), (out - ref).abs().max()
     # and the gradients agree too
     g_full = torch.autograd.grad(ref.square().sum(), list(full.parameters()), allow_unused=True)
@@ -160,7 +161,7 @@ def test_diff_transform_reads_colour_in_to_colour_out_per_cell():
     enc = _encoder(transform="diff", crop_buckets=0)
     di, do = _real_grids(4)
     mask = torch.ones(1, 4, dtype=torch.bool)
-    out = enc(di, do, mask)
+    out = enc.encode(di, do, mask)
     out.square().sum().backward()
     rows = enc.grid_encoder.diff_embed.weight.grad.abs().sum(1).nonzero().flatten()
     # the rows that got gradient are exactly the (in, out) token pairs of cells present in both grids
@@ -181,7 +182,7 @@ def test_cross_transform_keeps_the_input_grid_blind_to_the_output(transform):
     hook = enc.grid_encoder.layers[-1].register_forward_hook(lambda m, i, o: seen.append(o))
     do2 = do.clone()
     do2[do2 > 1] = 2 + (do2[do2 > 1] - 1) % 10  # recolour every output cell
-    out1, out2 = enc(di, do, mask), enc(di, do2, mask)
+    out1, out2 = enc.encode(di, do, mask), enc.encode(di, do2, mask)
     hook.remove()
     inputs_after_self_attention = [h[:, : S * S] for h in seen]
     blind = torch.allclose(*inputs_after_self_attention, atol=1e-6)
@@ -194,9 +195,9 @@ def test_test_conditioning_makes_the_context_depend_on_the_query():
     q1 = torch.randint(2, 12, (3, S * S), dtype=torch.int32)
     q2 = torch.randint(2, 12, (3, S * S), dtype=torch.int32)
     plain = _encoder()
-    assert torch.equal(plain(di, do, mask, q1), plain(di, do, mask, q2))  # off: the query is ignored
+    assert torch.equal(plain.encode(di, do, mask, q1), plain.encode(di, do, mask, q2))  # off: the query is ignored
     cond = _encoder(test_conditioning=True)
-    a, b = cond(di, do, mask, q1), cond(di, do, mask, q2)
+    a, b = cond.encode(di, do, mask, q1), cond.encode(di, do, mask, q2)
     assert not torch.allclose(a, b) and torch.isfinite(a).all()
     with pytest.raises(ValueError, match="needs the query inputs"):
-        cond(di, do, mask)
+        cond.encode(di, do, mask)

@@ -15,21 +15,25 @@
         └── final RMSNorm -> context (B, puzzle_emb_len, D), unit RMS per token
 
 Only the valid demo slots are encoded (packed, then scattered back), so masked slots cost nothing and
-cannot change the output.
+cannot change the output. ``StandardDemoEncoder`` is a :class:`~trm_lightning.models.conditioning.Conditioner`:
+``model.conditioner: StandardDemoEncoder`` (the default) with the seed's knobs as its ``init_args``.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
+from trm_lightning.models.conditioning import Conditioner, ConditionerShape
 from trm_lightning.models.layers import Block, CrossAttention, RotaryEmbedding, lecun_linear, rms_norm, trunc_normal_
+from trm_lightning.vocab import PAD, VOCAB_SIZE
 
 POOLING_METHODS = ("mean", "attention", "weighted")
 TRANSFORMS = ("concat", "diff", "cross")
-PAD_TOKEN = 0
 
 
 _compiled_encode_fn = None
@@ -74,7 +78,7 @@ class DemoGridEncoder(nn.Module):
         num_heads: int,
         num_layers: int,
         canvas_size: int,
-        vocab_size: int = 12,
+        vocab_size: int = VOCAB_SIZE,
         expansion: float = 4.0,
         pooling: str = "mean",
         norm_style: str = "post",
@@ -133,10 +137,10 @@ class DemoGridEncoder(nn.Module):
         inputs, outputs = demo_inputs.long(), demo_outputs.long()
         segments = [inputs, outputs]
         if self.transform == "diff":  # (in, out) token pairs where both grids have a cell, else PAD (id 0)
-            both = (inputs != PAD_TOKEN) & (outputs != PAD_TOKEN)
-            segments.append(torch.where(both, inputs * self.vocab_size + outputs, PAD_TOKEN))
+            both = (inputs != PAD) & (outputs != PAD)
+            segments.append(torch.where(both, inputs * self.vocab_size + outputs, PAD))
         tokens = torch.cat(segments, dim=1)  # (N, segments * S*S)
-        real = tokens != PAD_TOKEN  # EOS and colours count, PAD does not
+        real = tokens != PAD  # EOS and colours count, PAD does not
         encode = (lambda *a: _compiled_encode()(self, *a)) if self.use_compile else self._encode
         if self.crop_buckets <= 0 or tokens.shape[0] == 0:
             return encode(tokens, None, real)
@@ -168,7 +172,7 @@ class DemoGridEncoder(nn.Module):
         h = None
         for i, embed in enumerate(embeds):
             mine = segment == i
-            part = embed(torch.where(mine, tokens, PAD_TOKEN)) * mine.unsqueeze(-1)
+            part = embed(torch.where(mine, tokens, PAD)) * mine.unsqueeze(-1)
             h = part if h is None else h + part
         h = h * self.embed_scale
         rope = self.rope(positions)
@@ -229,55 +233,74 @@ class DemoSetEncoder(nn.Module):
         return rms_norm(q, self.eps)
 
 
-class StandardDemoEncoder(nn.Module):
-    """The seed's encoder: DemoGridEncoder per valid demo pair, then DemoSetEncoder over the set.
+class StandardDemoEncoder(Conditioner):
+    """The seed's demo encoder (StandardDemoEncoder), the default ``model.conditioner``.
 
-    Args mirror the seed's knobs: ``num_layers`` (encoder_num_layers), ``output_tokens`` (puzzle_emb_len),
-    ``pooling`` (encoder_pooling_method), ``set_layers`` (encoder_set_layers), ``layer_scale_init``
-    (encoder_layer_scale_init), ``norm_style`` (encoder_norm_style).
+    A transformer over each demo pair, pooled to one vector per pair, then a set encoder of learned query tokens
+    over the task's pairs, emitting ``puzzle_emb_len`` context tokens of unit RMS.
+
+    Each argument after ``shape`` is one of the seed's knobs (its name there in brackets); set them in YAML as
+    ``model.conditioner.init_args.<name>`` or on the command line as ``--model.conditioner.<name>``.
+
+    Args:
+        shape: the sizes shared with the TRM (hidden size, heads, context tokens, canvas), filled in by the model.
+        num_layers: transformer layers of the per-demo grid encoder (``encoder_num_layers``).
+        pooling_method: how a demo pair's tokens become one vector: ``mean``, ``attention`` (one learned query)
+            or ``weighted`` (softmax scores) (``encoder_pooling_method``).
+        set_layers: cross-attention layers of the set encoder over the demos (``encoder_set_layers``).
+        layer_scale_init: CaiT layer-scale init of the encoder's residual branches, 0 = off
+            (``encoder_layer_scale_init``).
+        norm_style: encoder blocks with ``post``-norm (TRM style) or ``pre``-norm (``encoder_norm_style``).
+        transform: what the encoder reads of a demo pair (seed §1): ``concat`` ([input; output], the seed's),
+            ``diff`` (plus per-cell "colour in -> colour out" tokens) or ``cross`` (each grid attends within
+            itself, then to the input grid; the output grid is pooled).
+        test_conditioning: the set encoder also attends to the encoded test input, so the context depends on the
+            query, not only on the task's demos (seed §1, "cross-attend demos -> test input").
+        crop_buckets: encode only the real cells of each demo pair, sorted into this many length buckets (0 = the
+            whole canvas; the output is the same, only the compute differs). 16 measured fastest on an H200 at the
+            ARC config (benchmarks/RESULTS.md: 2, 4, 8, 16, 32).
     """
+
+    runtime_options = ("crop_buckets",)
 
     def __init__(
         self,
-        hidden_size: int = 512,
-        num_heads: int = 8,
+        shape: ConditionerShape,
         num_layers: int = 2,
-        output_tokens: int = 16,
-        pooling: str = "mean",
+        pooling_method: Literal["mean", "attention", "weighted"] = "mean",
         set_layers: int = 1,
         layer_scale_init: float = 0.0,
-        norm_style: str = "post",
-        canvas_size: int = 30,
-        vocab_size: int = 12,
-        expansion: float = 4.0,
-        rms_norm_eps: float = 1e-5,
-        rope_theta: float = 10000.0,
-        crop_buckets: int = 16,
-        transform: str = "concat",
+        norm_style: Literal["post", "pre"] = "post",
+        transform: Literal["concat", "diff", "cross"] = "concat",
         test_conditioning: bool = False,
-        compile: bool = False,
+        crop_buckets: int = 16,
     ) -> None:
         super().__init__()
-        self.hidden_size = hidden_size
+        D = shape.hidden_size
+        self.hidden_size = D
         self.grid_encoder = DemoGridEncoder(
-            hidden_size, num_heads, num_layers, canvas_size, vocab_size, expansion, pooling, norm_style,
-            layer_scale_init, rms_norm_eps, rope_theta, crop_buckets, transform, compile,
+            D, shape.num_heads, num_layers, shape.canvas_size, shape.vocab_size, shape.expansion, pooling_method,
+            norm_style, layer_scale_init, crop_buckets=crop_buckets, transform=transform, compile=shape.compile,
         )
         self.test_conditioning = test_conditioning
         if test_conditioning:  # marks the query's slot in the set encoder's memory
-            self.query_slot = nn.Parameter(trunc_normal_(torch.empty(hidden_size), 0.02))
+            self.query_slot = nn.Parameter(trunc_normal_(torch.empty(D), 0.02))
         self.set_encoder = DemoSetEncoder(
-            hidden_size, num_heads, output_tokens, set_layers, expansion, norm_style, layer_scale_init, rms_norm_eps
+            D, shape.num_heads, shape.prefix_len, set_layers, shape.expansion, norm_style, layer_scale_init
         )
 
-    def forward(
+    def forward(self, batch: Mapping[str, Tensor]) -> Tensor:
+        """The context (B, prefix_len, D) of the batch rows' demos (and, with ``test_conditioning``, their query)."""
+        query = batch["inputs"] if self.test_conditioning else None
+        return self.encode(batch["demo_inputs"], batch["demo_outputs"], batch["demo_mask"], query)
+
+    def encode(
         self, demo_inputs: Tensor, demo_outputs: Tensor, demo_mask: Tensor, query_inputs: Tensor | None = None
     ) -> Tensor:
-        """(B, K, S*S) demo inputs/outputs and (B, K) mask -> context (B, output_tokens, D).
+        """(B, K, S*S) demo inputs/outputs and (B, K) mask -> context (B, prefix_len, D).
 
         With ``test_conditioning`` the query's input grid (B, S*S) is encoded too (as a pair with an empty
-        output) and joins the demos in the set encoder's memory, marked by a learned slot vector, so the
-        context can depend on the test input (seed §1, "cross-attend demos -> test input").
+        output) and joins the demos in the set encoder's memory, marked by a learned slot vector.
         """
         B, K, T = demo_inputs.shape
         valid = demo_mask.reshape(B * K).nonzero().squeeze(1)  # indices of the valid slots

@@ -12,6 +12,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor, nn
 
 # std of a standard normal truncated at +-2 sigma: dividing by it gives the requested std after truncation
@@ -104,8 +105,7 @@ class _MultiHead(nn.Module):
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None) -> Tensor:
         """(B, H, Lq, Dh) queries over (B, H, Lk, Dh) keys/values -> (B, Lq, D) after o_proj."""
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=_key_mask_to_attn(key_mask))
-        B, _, Lq, _ = out.shape
-        return self.o_proj(out.transpose(1, 2).reshape(B, Lq, self.num_heads * self.head_dim))
+        return self.o_proj(rearrange(out, "b h l d -> b l (h d)"))
 
 
 class Attention(_MultiHead):
@@ -116,9 +116,8 @@ class Attention(_MultiHead):
         self.qkv_proj = lecun_linear(hidden_size, 3 * hidden_size)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None, key_mask: Tensor | None = None) -> Tensor:
-        B, L, D = x.shape
-        qkv = self.qkv_proj(x).view(B, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]  # (B, H, L, Dh)
+        qkv = rearrange(self.qkv_proj(x), "b l (three h d) -> three b h l d", three=3, h=self.num_heads)
+        q, k, v = qkv.unbind(0)  # (B, H, L, Dh)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
             q, k = q.to(v.dtype), k.to(v.dtype)
@@ -134,11 +133,9 @@ class CrossAttention(_MultiHead):
         self.kv_proj = lecun_linear(hidden_size, 2 * hidden_size)
 
     def forward(self, queries: Tensor, memory: Tensor, key_mask: Tensor | None = None) -> Tensor:
-        B, Lq, D = queries.shape
-        Lk = memory.shape[1]
-        q = self.q_proj(queries).view(B, Lq, self.num_heads, self.head_dim).transpose(1, 2)
-        kv = self.kv_proj(memory).view(B, Lk, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        return self._attend(q, kv[0], kv[1], key_mask)
+        q = rearrange(self.q_proj(queries), "b l (h d) -> b h l d", h=self.num_heads)
+        k, v = rearrange(self.kv_proj(memory), "b l (two h d) -> two b h l d", two=2, h=self.num_heads).unbind(0)
+        return self._attend(q, k, v, key_mask)
 
 
 class SwiGLU(nn.Module):

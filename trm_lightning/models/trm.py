@@ -15,12 +15,14 @@ The carry (y, z) is detached between ACT steps.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from trm_lightning.models.layers import Block, RotaryEmbedding, lecun_linear, trunc_normal_
+from trm_lightning.vocab import VOCAB_SIZE
 
 
 @dataclass
@@ -81,7 +83,7 @@ class TinyRecursiveModel(nn.Module):
 
     def __init__(
         self,
-        vocab_size: int = 12,
+        vocab_size: int = VOCAB_SIZE,
         seq_len: int = 900,
         hidden_size: int = 512,
         num_heads: int = 8,
@@ -154,20 +156,26 @@ class TinyRecursiveModel(nn.Module):
         return y.detach(), z.detach(), logits, q
 
     # ------------------------------------------------------------------------------------------- ACT carry
-    def initial_carry(self, batch: dict[str, Tensor]) -> ACTCarry:
-        """Every row halted, so the first ``reset_carry`` loads the whole batch."""
-        inputs = batch["inputs"]
+    def initial_states(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
+        """The fixed initial (y, z), each (B, P + S*S, D), for rows of ``inputs`` (B, S*S) (expanded views)."""
         B, T = inputs.shape
         shape = (B, self.prefix_len + T, self.hidden_size)
+        return self.y_init.expand(shape), self.z_init.expand(shape)
+
+    def initial_carry(self, batch: Mapping[str, Tensor]) -> ACTCarry:
+        """Every row halted, so the first ``reset_carry`` loads the whole batch."""
+        inputs = batch["inputs"]
+        B = inputs.shape[0]
+        y, z = self.initial_states(inputs)
         return ACTCarry(
-            y=self.y_init.expand(shape),
-            z=self.z_init.expand(shape),
+            y=y,
+            z=z,
             steps=torch.zeros(B, dtype=torch.int32, device=inputs.device),
             halted=torch.ones(B, dtype=torch.bool, device=inputs.device),
             data={k: torch.zeros_like(v) for k, v in batch.items()},
         )
 
-    def reset_carry(self, carry: ACTCarry, batch: dict[str, Tensor]) -> ACTCarry:
+    def reset_carry(self, carry: ACTCarry, batch: Mapping[str, Tensor]) -> ACTCarry:
         """Halted rows take the batch's row at the same index, fresh states and zero steps; others keep theirs."""
         h = carry.halted
         if set(batch) != set(carry.data):
