@@ -3,7 +3,7 @@
     python benchmarks/bench_fewshot.py                 # `make bench-fewshot`: the whole thing on the CPU
     python benchmarks/bench_fewshot.py --steps 20 --baseline-steps 20 --train-tasks 64   # a smoke run
 
-1. Tasks (``trm_lightning/data/synthetic.py``, :func:`make_fewshot_split`): every rule is ``family(s, c)``, a
+1. Tasks (``trm_lightning/data/fewshot_rules.py``, :func:`make_fewshot_split`): every rule is ``family(s, c)``, a
    structural operation ``s`` (dihedral transform, gravity side, ray direction, fill mode, size rank, tiling
    mode, source colour) drawing in colour ``c``. The split holds out (s, c) combinations: a held-out rule never
    occurs in training, but its parts do, and within a family all tasks draw inputs from one distribution, so
@@ -54,13 +54,8 @@ from trm_lightning.losses import row_accuracy  # noqa: E402
 from trm_lightning.data.arc import ArcTask  # noqa: E402
 from trm_lightning.data.datamodule import ARCDataModule  # noqa: E402
 from trm_lightning.data.episodes import EpisodeDataset, KeyedEpisodes, eval_keys  # noqa: E402
-from trm_lightning.data.synthetic import (  # noqa: E402
-    FEWSHOT_FAMILIES,
-    make_fewshot_split,
-    rule_of,
-    split_rules,
-    write_task_dir,
-)
+from trm_lightning.data.fewshot_rules import FEWSHOT_FAMILIES, make_fewshot_split, rule_of, split_rules  # noqa: E402
+from trm_lightning.data.task_json import write_task_dir  # noqa: E402
 from trm_lightning.module import TRMLitModule  # noqa: E402
 
 CONFIG = ROOT / "configs" / "fewshot_cpu.yaml"

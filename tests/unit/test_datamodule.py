@@ -7,7 +7,8 @@ import torch
 
 from trm_lightning.data.datamodule import ARCDataModule
 from trm_lightning.data.episodes import EpisodeSampler
-from trm_lightning.data.synthetic import make_synthetic_tasks, task_to_json, write_task_dir
+from trm_lightning.data.synthetic import make_synthetic_tasks
+from trm_lightning.data.task_json import task_to_json, write_task_dir
 from trm_lightning.errors import ConfigError
 
 

@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from trm_lightning.data.synthetic import make_fewshot_split, make_synthetic_tasks, write_task_dir
+from trm_lightning.data.fewshot_rules import make_fewshot_split
+from trm_lightning.data.synthetic import make_synthetic_tasks
+from trm_lightning.data.task_json import write_task_dir
 
 
 def _digest(tasks, directory: Path) -> str:
