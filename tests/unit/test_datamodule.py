@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from trm_lightning.data.datamodule import ARCDataModule
-from trm_lightning.data.episodes import EpisodeSampler
+from trm_lightning.data.episodes import EpisodeDataset, EpisodeSampler
 from trm_lightning.data.synthetic import make_synthetic_tasks
 from trm_lightning.data.task_json import task_to_json, write_task_dir
 from trm_lightning.errors import ConfigError
@@ -176,12 +176,32 @@ def test_val_and_test_dataloaders(synthetic_task_dir, synthetic_eval_dir):
 
 
 @pytest.mark.parametrize(
-    "kwargs",
-    [{"canvas_size": 0}, {"max_train_puzzles": 0}, {"leave_one_out_prob": 2.0}, {"val_augmentations": 0}],
+    "kwargs, message",
+    [
+        ({"canvas_size": 0}, "canvas_size must be >= 1, got 0"),
+        ({"max_train_puzzles": 0}, "max_train_puzzles must be >= 1 or None, got 0"),
+        ({"leave_one_out_prob": 2.0}, "leave_one_out_prob must be in [0, 1], got 2.0"),
+        ({"val_augmentations": 0}, "val_augmentations must be >= 1, got 0"),
+        ({"puzzle_subset_seed": -1}, "puzzle_subset_seed must be >= 0, got -1"),
+    ],
 )
-def test_bad_config(kwargs):
-    with pytest.raises(ConfigError):
+def test_bad_config(kwargs, message):
+    with pytest.raises(ConfigError) as info:
         ARCDataModule(**kwargs)
+    assert str(info.value) == message
+
+
+def test_datamodule_and_episodes_share_their_argument_checks():
+    # the same key, the same rule, the same line, whichever of the two is given the bad value
+    tasks = make_synthetic_tasks(2)
+    for build in (lambda: ARCDataModule(max_demos=0), lambda: EpisodeDataset(tasks, canvas_size=6, max_demos=0)):
+        with pytest.raises(ConfigError, match=r"^max_demos must be >= 1, got 0$"):
+            build()
+    dataset = EpisodeDataset(tasks, canvas_size=6, max_demos=3)
+    with pytest.raises(ConfigError, match=r"^leave_one_out_prob must be in \[0, 1\], got -0.5$"):
+        EpisodeSampler(dataset, tasks, 4, leave_one_out_prob=-0.5)
+    with pytest.raises(ConfigError, match=r"^leave_one_out_prob must be in \[0, 1\], got -0.5$"):
+        ARCDataModule(leave_one_out_prob=-0.5)
 
 
 def test_real_arc1_at_canvas_10():

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, default_collate
 
 from trm_lightning.data.arc import ArcTask, load_source
 from trm_lightning.data.augment import evaluation_augmentations
+from trm_lightning.data.checks import check_at_least, check_probability
 from trm_lightning.data.episodes import (
     EpisodeDataset,
     EpisodeKey,
@@ -87,28 +88,20 @@ class ARCDataModule(lightning.LightningDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        checks = [
-            (canvas_size >= 1, f"canvas_size must be >= 1, got {canvas_size}"),
-            (max_demos >= 1, f"max_demos must be >= 1, got {max_demos}"),
-            (max_train_puzzles is None or max_train_puzzles >= 1,
-             f"max_train_puzzles must be >= 1 or None, got {max_train_puzzles}"),
-            (max_eval_puzzles is None or max_eval_puzzles >= 0,
-             f"max_eval_puzzles must be >= 0 or None, got {max_eval_puzzles}"),
-            (global_batch_size >= 1, f"global_batch_size must be >= 1, got {global_batch_size}"),
-            (eval_batch_size is None or eval_batch_size >= 1,
-             f"eval_batch_size must be >= 1 or None, got {eval_batch_size}"),
-            (episodes_per_epoch is None or episodes_per_epoch >= 1,
-             f"episodes_per_epoch must be >= 1 or None, got {episodes_per_epoch}"),
-            (num_train_augmentations >= 1, f"num_train_augmentations must be >= 1, got {num_train_augmentations}"),
-            (val_augmentations >= 1, f"val_augmentations must be >= 1, got {val_augmentations}"),
-            (val_seen_puzzles >= 0, f"val_seen_puzzles must be >= 0, got {val_seen_puzzles}"),
-            (0.0 <= leave_one_out_prob <= 1.0, f"leave_one_out_prob must be in [0, 1], got {leave_one_out_prob}"),
-            (num_workers >= 0, f"num_workers must be >= 0, got {num_workers}"),
-            (seed >= 0 and puzzle_subset_seed >= 0, "seed and puzzle_subset_seed must be >= 0"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
+        check_at_least("canvas_size", canvas_size, 1)
+        check_at_least("max_demos", max_demos, 1)
+        check_at_least("max_train_puzzles", max_train_puzzles, 1, allow_none=True)
+        check_at_least("max_eval_puzzles", max_eval_puzzles, 0, allow_none=True)
+        check_at_least("global_batch_size", global_batch_size, 1)
+        check_at_least("eval_batch_size", eval_batch_size, 1, allow_none=True)
+        check_at_least("episodes_per_epoch", episodes_per_epoch, 1, allow_none=True)
+        check_at_least("num_train_augmentations", num_train_augmentations, 1)
+        check_at_least("val_augmentations", val_augmentations, 1)
+        check_at_least("val_seen_puzzles", val_seen_puzzles, 0)
+        check_probability("leave_one_out_prob", leave_one_out_prob)
+        check_at_least("num_workers", num_workers, 0)
+        check_at_least("seed", seed, 0)
+        check_at_least("puzzle_subset_seed", puzzle_subset_seed, 0)
         try:
             self.test_aug_indices = evaluation_augmentations(test_augmentations)
         except ValueError as err:

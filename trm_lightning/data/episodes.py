@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from trm_lightning.data.arc import ArcTask
 from trm_lightning.data.augment import augmentation_for, translation_for
+from trm_lightning.data.checks import check_at_least, check_probability
 from trm_lightning.data.tokenize import canvas_labels, grid_to_canvas
 from trm_lightning.errors import ConfigError, DataError
 from trm_lightning.vocab import IGNORE_LABEL, PAD
@@ -76,10 +77,8 @@ class EpisodeDataset(Dataset):
         puzzle_id_base: int = 0,
         puzzle_id_augmentations: int = 0,
     ) -> None:
-        if canvas_size < 1:
-            raise ConfigError(f"canvas_size must be >= 1, got {canvas_size}")
-        if max_demos < 1:
-            raise ConfigError(f"max_demos must be >= 1, got {max_demos}")
+        check_at_least("canvas_size", canvas_size, 1)
+        check_at_least("max_demos", max_demos, 1)
         self.tasks = list(tasks)
         self.canvas_size = canvas_size
         self.max_demos = max_demos
@@ -208,18 +207,14 @@ class EpisodeSampler(DistributedSampler):
         leave_one_out_prob: float = 0.0,
         demos_only: Sequence[bool] | None = None,
     ) -> None:
-        if num_replicas < 1:
-            raise ConfigError(f"num_replicas must be >= 1, got {num_replicas}")
+        check_at_least("num_replicas", num_replicas, 1)
         if episodes_per_epoch < num_replicas:
             raise ConfigError(
                 f"episodes_per_epoch={episodes_per_epoch} is less than the number of ranks ({num_replicas})"
             )
-        if num_augmentations < 1:
-            raise ConfigError(f"num_augmentations must be >= 1, got {num_augmentations}")
-        if not 0.0 <= leave_one_out_prob <= 1.0:
-            raise ConfigError(f"leave_one_out_prob must be in [0, 1], got {leave_one_out_prob}")
-        if seed < 0:
-            raise ConfigError(f"seed must be >= 0, got {seed}")
+        check_at_least("num_augmentations", num_augmentations, 1)
+        check_probability("leave_one_out_prob", leave_one_out_prob)
+        check_at_least("seed", seed, 0)
         if not tasks:
             raise ConfigError("EpisodeSampler needs at least one task")
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
