@@ -175,6 +175,36 @@ def test_val_and_test_dataloaders(synthetic_task_dir, synthetic_eval_dir):
     assert len(loaders) == 1 and only.val_dataloader_names == ["val"]
 
 
+def test_queries_of_both_splits_as_episodes_batch_and_loader(synthetic_task_dir, synthetic_eval_dir):
+    dm = _dm(synthetic_task_dir, synthetic_eval_dir, num_train_augmentations=3, train_on_eval_demos=True,
+             eval_batch_size=4)
+    train = dm.queries("train", [0, 5])
+    assert [(k.task_index, k.query_index, k.aug_index) for k in train.keys] == [
+        (t, 0, a) for t in range(12) for a in (0, 5)]
+    rows = train.batch()
+    # trained versions carry their row of the table, versions beyond num_train_augmentations the blank id
+    assert rows["puzzle_id"].tolist() == [1 + t * 3 if a == 0 else 0 for t in range(12) for a in (0, 5)]
+    first = train.batch(3)
+    assert first["inputs"].shape[0] == 3
+    for key in rows:
+        assert torch.equal(first[key], torch.stack([train[i][key] for i in range(3)]))
+    # evaluation tasks follow the training tasks in the table (TRM protocol on)
+    held = dm.queries("eval", [1]).batch()
+    assert held["task_index"].tolist() == list(range(6))
+    assert held["puzzle_id"].tolist() == [1 + (12 + t) * 3 + 1 for t in range(6)]
+    # a subset keeps its indices into the whole split
+    some = dm.queries("train", [0], task_indices=[7, 2])
+    assert [k.task_index for k in some.keys] == [2, 7]
+    loader = dm.query_loader("eval", [0, 1])
+    assert loader.batch_size == 4 and len(loader.dataset) == 12
+    for key, value in next(iter(loader)).items():
+        assert torch.equal(value, dm.queries("eval", [0, 1]).batch(4)[key])
+    with pytest.raises(ValueError, match="split must be 'train' or 'eval'"):
+        dm.queries("test", [0])
+    off = _dm(synthetic_task_dir, synthetic_eval_dir, num_train_augmentations=3)
+    assert off.queries("eval", [0]).batch()["puzzle_id"].eq(0).all()  # held-out tasks: never in the table
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [

@@ -3,18 +3,18 @@
 An episode is named by an :class:`EpisodeKey` (task, query pair, augmentation). The dataset builds the
 tensors on the fly from that key, so there is nothing precomputed; :class:`EpisodeSampler` decides which
 keys an epoch visits (deterministically from ``(seed, epoch)``, split across ranks), and
-:func:`eval_keys` lists the fixed keys of an evaluation.
+:func:`eval_keys` lists the fixed keys of an evaluation (:func:`query_episodes`: those episodes as a dataset).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 
 from trm_lightning.data.arc import ArcTask
 from trm_lightning.data.augment import augmentation_for, translation_for
@@ -319,6 +319,13 @@ class KeyedEpisodes(Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return self.episodes[self.keys[i]]
 
+    def batch(self, rows: int | None = None) -> dict[str, torch.Tensor]:
+        """The first ``rows`` items (all of them by default) collated into one batch, in order."""
+        keys = self.keys[:rows]
+        if not keys:
+            raise ValueError("no episodes to batch")
+        return default_collate([self.episodes[key] for key in keys])
+
 
 def eval_keys(
     tasks: Sequence[ArcTask], aug_indices: Sequence[int], *, include_unlabelled: bool = False
@@ -335,3 +342,36 @@ def eval_keys(
                 continue
             keys.extend(EpisodeKey(task_index, query_index, aug) for aug in aug_indices)
     return keys
+
+
+def query_episodes(
+    tasks: Sequence[ArcTask],
+    canvas_size: int,
+    max_demos: int,
+    aug_indices: Sequence[int],
+    *,
+    seed: int = 0,
+    puzzle_id_base: int = 0,
+    puzzle_id_augmentations: int = 0,
+    task_indices: Iterable[int] | None = None,
+    include_unlabelled: bool = False,
+) -> KeyedEpisodes:
+    """The test-pair queries of ``tasks`` under ``aug_indices``: the fixed episodes of an evaluation.
+
+    Keys as :func:`eval_keys` lists them (task, test pair, augmentation); with ``task_indices`` only those
+    tasks' keys, still indexing the whole ``tasks`` (so puzzle ids and the evaluator's task indices do not
+    move). Episodes are never translated; the other arguments are :class:`EpisodeDataset`'s.
+    """
+    dataset = EpisodeDataset(
+        tasks,
+        canvas_size,
+        max_demos,
+        seed=seed,
+        puzzle_id_base=puzzle_id_base,
+        puzzle_id_augmentations=puzzle_id_augmentations,
+    )
+    keys = eval_keys(tasks, aug_indices, include_unlabelled=include_unlabelled)
+    if task_indices is not None:
+        chosen = set(task_indices)
+        keys = [key for key in keys if key.task_index in chosen]
+    return KeyedEpisodes(dataset, keys)
