@@ -32,7 +32,7 @@ def test_setup_on_synthetic_dirs(synthetic_task_dir, synthetic_eval_dir):
     assert dm.train_tasks is first
     assert dm.local_batch_size == 8
     assert dm.episodes_per_epoch == 16  # 12 test pairs rounded up to a multiple of 8
-    assert dm.val_dataloader_names == ["val"]
+    assert len(dm.val_dataloader()) == 1  # val_seen_puzzles=0: no val_seen view
 
 
 def test_firewall_drops_tasks_shared_with_eval(tmp_path, synthetic_task_dir, synthetic_eval_dir, synthetic_eval_tasks):
@@ -157,7 +157,6 @@ def test_val_and_test_dataloaders(synthetic_task_dir, synthetic_eval_dir):
         eval_batch_size=5,
     )
     val, seen = dm.val_dataloader()
-    assert dm.val_dataloader_names == ["val", "val_seen"]
     assert len(val.dataset) == 6 * 3 and val.batch_size == 5
     batch = next(iter(val))
     assert batch["aug_index"].tolist() == [0, 1, 2, 0, 1]
@@ -172,7 +171,7 @@ def test_val_and_test_dataloaders(synthetic_task_dir, synthetic_eval_dir):
 
     only = _dm(synthetic_task_dir, synthetic_eval_dir, val_seen_puzzles=0)
     loaders = only.val_dataloader()
-    assert len(loaders) == 1 and only.val_dataloader_names == ["val"]
+    assert len(loaders) == 1
 
 
 def test_queries_of_both_splits_as_episodes_batch_and_loader(synthetic_task_dir, synthetic_eval_dir):

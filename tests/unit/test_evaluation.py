@@ -430,7 +430,7 @@ def test_named_augmentation_modes():
     assert all(a.colour_perm == tuple(range(10)) for a in dihedral)
     by_colour = [augmentation_for(0, "task", i) for i in evaluation_augmentations("dihedral_x3")]
     assert len(by_colour) == 24 and len({(a.dihedral, a.colour_perm) for a in by_colour}) == 24
-    assert by_colour[0].is_identity and sum(a.colour_perm == tuple(range(10)) for a in by_colour) == 8
+    assert by_colour[0] == Augmentation.identity() and sum(a.colour_perm == tuple(range(10)) for a in by_colour) == 8
     assert len(evaluation_augmentations("trm")) == 1000 and evaluation_augmentations(5) == [0, 1, 2, 3, 4]
     for bad in ("dihedral_x0", "dihedral_xk", "sideways", 0):
         with pytest.raises(ValueError):

@@ -131,7 +131,6 @@ class ARCDataModule(lightning.LightningDataModule):
         self.train_tasks: list[ArcTask] = []
         self.eval_tasks: list[ArcTask] = []
         self.data_summary: dict[str, Any] = {}
-        self.val_dataloader_names = ["val", "val_seen"] if val_seen_puzzles > 0 else ["val"]
         self._is_set_up = False
 
     # ------------------------------------------------------------------ sizes the model links to
@@ -402,12 +401,12 @@ class ARCDataModule(lightning.LightningDataModule):
         return KeyedEpisodes(dataset, keys).batch()
 
     def val_dataloader(self) -> list[DataLoader]:
+        """The ``val`` loader (held-out tasks), then with ``val_seen_puzzles`` the ``val_seen`` one."""
         self.setup()
         loaders = [self.query_loader("eval", range(self.val_augmentations))]
         if self.val_seen_puzzles > 0:  # training tasks under versions training never draws
             unseen = [self.num_train_augmentations + j for j in range(self.val_augmentations)]
             loaders.append(self.query_loader("train", unseen, task_indices=self.val_seen_task_indices()))
-        self.val_dataloader_names = ["val", "val_seen"][: len(loaders)]
         return loaders
 
     def test_dataloader(self) -> DataLoader:
