@@ -17,7 +17,7 @@ from trm_lightning.data.augment import dihedral
 # there with other colours and its ``c`` with other ``s`` of the same family.
 
 FEWSHOT_FAMILIES = ("paint", "outline", "frame", "recolour", "dihedral", "gravity", "lines", "fill", "size", "tile")
-NUM_COLOURS = 9  # drawing colours 1..9; 0 is the background
+NUM_DRAWING_COLOURS = 9  # drawing colours 1..9; 0 is the background
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,7 @@ class FewshotRule:
 
 def rule_params(family: str) -> tuple[tuple[int, int], ...]:
     """Every ``(s, c)`` of ``family``, in a fixed order."""
-    colours = range(1, NUM_COLOURS + 1)
+    colours = range(1, NUM_DRAWING_COLOURS + 1)
     structural = {"paint": range(2), "outline": range(4), "frame": range(4), "recolour": range(1, 10), "dihedral": range(1, 8), "gravity": range(4), "lines": range(4),
                   "fill": range(2), "size": range(2), "tile": range(4)}
     if family not in structural:
@@ -246,7 +246,7 @@ def _sides(rng: np.random.Generator, min_side: int, max_side: int) -> tuple[int,
 
 
 def _colour(rng: np.random.Generator) -> int:
-    return int(rng.integers(1, NUM_COLOURS + 1))
+    return int(rng.integers(1, NUM_DRAWING_COLOURS + 1))
 
 
 def _scatter(rng: np.random.Generator, height: int, width: int, density: float) -> np.ndarray:
@@ -254,7 +254,7 @@ def _scatter(rng: np.random.Generator, height: int, width: int, density: float) 
     while True:
         keep = rng.random((height, width)) < density
         if keep.any():
-            return np.where(keep, rng.integers(1, NUM_COLOURS + 1, size=(height, width)), 0).astype(np.uint8)
+            return np.where(keep, rng.integers(1, NUM_DRAWING_COLOURS + 1, size=(height, width)), 0).astype(np.uint8)
 
 
 def _one_colour_shape(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
