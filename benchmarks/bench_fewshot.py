@@ -3,7 +3,7 @@
     python benchmarks/bench_fewshot.py                 # `make bench-fewshot`: the whole thing on the CPU
     python benchmarks/bench_fewshot.py --steps 20 --baseline-steps 20 --train-tasks 64   # a smoke run
 
-1. Tasks (``trm_lightning/data/synthetic.py``, :func:`make_fewshot_split`): every rule is ``family(s, c)``, a
+1. Tasks (``trm_lightning/data/fewshot_rules.py``, :func:`make_fewshot_split`): every rule is ``family(s, c)``, a
    structural operation ``s`` (dihedral transform, gravity side, ray direction, fill mode, size rank, tiling
    mode, source colour) drawing in colour ``c``. The split holds out (s, c) combinations: a held-out rule never
    occurs in training, but its parts do, and within a family all tasks draw inputs from one distribution, so
@@ -51,16 +51,9 @@ if str(ROOT) not in sys.path:  # run as `python benchmarks/bench_fewshot.py` fro
 
 from callbacks.context_reliance import derangement  # noqa: E402
 from trm_lightning.losses import row_accuracy  # noqa: E402
-from trm_lightning.data.arc import ArcTask  # noqa: E402
 from trm_lightning.data.datamodule import ARCDataModule  # noqa: E402
-from trm_lightning.data.episodes import EpisodeDataset, KeyedEpisodes, eval_keys  # noqa: E402
-from trm_lightning.data.synthetic import (  # noqa: E402
-    FEWSHOT_FAMILIES,
-    make_fewshot_split,
-    rule_of,
-    split_rules,
-    write_task_dir,
-)
+from trm_lightning.data.fewshot_rules import FEWSHOT_FAMILIES, make_fewshot_split, rule_of, split_rules  # noqa: E402
+from trm_lightning.data.task_json import write_task_dir  # noqa: E402
 from trm_lightning.module import TRMLitModule  # noqa: E402
 
 CONFIG = ROOT / "configs" / "fewshot_cpu.yaml"
@@ -158,18 +151,6 @@ def load_run(run_dir: Path) -> tuple[TRMLitModule, ARCDataModule]:
 
 
 # ----------------------------------------------------------------------------------------------- evaluation
-def episodes(dm: ARCDataModule, tasks: list[ArcTask], trained: bool, limit: int | None = None) -> dict[str, torch.Tensor]:
-    """Every labelled query of ``tasks`` (original version) as one batch, at most ``limit`` rows. ``trained``:
-    the tasks are ``dm.train_tasks`` and rows carry their trained puzzle ids; otherwise the blank id 0."""
-    dataset = EpisodeDataset(
-        tasks, dm.canvas_size, dm.max_demos, seed=dm.seed,
-        puzzle_id_augmentations=dm.num_train_augmentations if trained else 0,
-    )
-    keyed = KeyedEpisodes(dataset, eval_keys(tasks, [0])[:limit])
-    items = [keyed[i] for i in range(len(keyed))]
-    return {k: torch.stack([item[k] for item in items]) for k in items[0]}
-
-
 @torch.no_grad()
 def score(model, batch: dict[str, torch.Tensor], context: torch.Tensor | None = None, chunk: int = 64) -> Score:
     """One evaluation rollout per row, in chunks of ``chunk`` rows; ``context`` (N, P, D), when given, replaces
@@ -249,13 +230,13 @@ def main(argv: list[str] | None = None) -> str:
     if len(dm.eval_tasks) != len(heldout) or len(dm.train_tasks) != len(train):
         raise RuntimeError(f"the datamodule kept {len(dm.train_tasks)}/{len(train)} training and "
                            f"{len(dm.eval_tasks)}/{len(heldout)} held-out tasks (canvas too small?)")
-    batch = episodes(dm, dm.eval_tasks, trained=False)
+    batch = dm.queries("eval", [0]).batch()  # every held-out query, original version
     rule_by_id = {task.task_id: rule_of(task).name for task in heldout}  # loaded tasks' source is the path
     rule_names = [rule_by_id[dm.eval_tasks[int(t)].task_id] for t in batch["task_index"]]
     index = {name: i for i, name in enumerate(sorted(set(rule_names)))}
     rule_ids = torch.tensor([index[name] for name in rule_names])
-    if bool(batch["puzzle_id"].any()):
-        raise RuntimeError("held-out queries must carry the blank puzzle id")
+    if bool(batch["puzzle_id"].any()):  # the table trained rows for them: data.train_on_eval_demos was on
+        raise RuntimeError("held-out queries must carry the blank puzzle id (is data.train_on_eval_demos on?)")
 
     real = score(encoder, batch)
     shuffled = shuffled_context(encoder, batch, rule_ids)
@@ -265,8 +246,8 @@ def main(argv: list[str] | None = None) -> str:
     limit = args.train_eval_queries
     seen = {}
     if limit:
-        seen["encoder"] = score(encoder, episodes(dm, dm.train_tasks, True, limit))
-        seen["puzzle_emb"] = score(baseline, episodes(emb_dm, emb_dm.train_tasks, True, limit))
+        seen["encoder"] = score(encoder, dm.queries("train", [0]).batch(limit))
+        seen["puzzle_emb"] = score(baseline, emb_dm.queries("train", [0]).batch(limit))
     eval_s = time.perf_counter() - start
 
     # ---- report

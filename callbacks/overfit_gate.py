@@ -14,7 +14,6 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
-from trm_lightning.data.episodes import EpisodeDataset, KeyedEpisodes, eval_keys
 from trm_lightning.errors import GateFailure
 from trm_lightning.losses import act_loss
 
@@ -46,14 +45,7 @@ class OverfitGate(Callback):
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         dm = trainer.datamodule
-        episodes = EpisodeDataset(
-            dm.train_tasks,
-            dm.canvas_size,
-            dm.max_demos,
-            seed=dm.seed,
-            puzzle_id_augmentations=dm.num_train_augmentations,  # the puzzle-id baseline's trained rows
-        )
-        queries = KeyedEpisodes(episodes, eval_keys(dm.train_tasks, [0]))
+        queries = dm.queries("train", [0])  # un-augmented, with the puzzle-id baseline's trained rows
         self._loader = DataLoader(queries, batch_size=64, shuffle=False)
         rank_zero_info(f"overfit gate: {len(queries)} queries of {len(dm.train_tasks)} training puzzles")
 

@@ -17,7 +17,8 @@ def pytest_configure(config):
 
     torch.set_num_threads(1)
 
-from trm_lightning.data.synthetic import make_synthetic_tasks, write_task_dir
+from trm_lightning.data.synthetic import make_synthetic_tasks
+from trm_lightning.data.task_json import write_task_dir
 
 N_TRAIN_TASKS = 12
 N_EVAL_TASKS = 6

@@ -36,9 +36,10 @@ from typing import Any
 
 import numpy as np
 
-from trm_lightning.data.arc import MAX_GRID_SIDE, ArcTask
+from trm_lightning.data.arc import ArcTask, validate_grid
 from trm_lightning.data.augment import TRM_NUM_AUGMENTATIONS, Augmentation, augmentation_for, evaluation_augmentations
 from trm_lightning.data.tokenize import crop_canvas
+from trm_lightning.errors import DataError
 
 DEFAULT_K_VALUES = (1, 2, 5, 10)
 _STATE_VERSION = 1
@@ -426,32 +427,12 @@ class ARCVoteEvaluator:
         return paths
 
 
-def _check_grid(value: Any, where: str) -> None:
-    if not isinstance(value, list):
-        raise ValueError(f"{where}: expected a list of rows, got {type(value).__name__}")
-    if not value:
-        raise ValueError(f"{where}: empty grid (no rows)")
-    width = None
-    for r, row in enumerate(value):
-        if not isinstance(row, list) or not row:
-            raise ValueError(f"{where}: row {r} is not a non-empty list")
-        if width is None:
-            width = len(row)
-        elif len(row) != width:
-            raise ValueError(f"{where}: not rectangular (row 0 has {width} cells, row {r} has {len(row)})")
-        for c, cell in enumerate(row):
-            if isinstance(cell, bool) or not isinstance(cell, int) or not 0 <= cell <= 9:
-                raise ValueError(f"{where}: cell ({r}, {c}) is {cell!r}, not an integer colour 0..9")
-    if len(value) > MAX_GRID_SIDE or width > MAX_GRID_SIDE:
-        raise ValueError(f"{where}: {len(value)}x{width} grid is larger than {MAX_GRID_SIDE}x{MAX_GRID_SIDE}")
-
-
 def validate_submission(obj: Any, tasks: Sequence[ArcTask]) -> None:
     """Check the Kaggle ARC submission structure.
 
     Every task must be present (and no other), each with a list of one entry per test input, each entry an
-    object with exactly ``attempt_1`` and ``attempt_2``, each a rectangular grid of integers 0..9 (1..30 per
-    side).
+    object with exactly ``attempt_1`` and ``attempt_2``, each a grid that the task loader would accept
+    (:func:`~trm_lightning.data.arc.validate_grid`: a rectangular list of rows of integers 0..9, 1..30 per side).
 
     Raises:
         ValueError: naming the task, the test input and the attempt that is wrong.
@@ -489,4 +470,7 @@ def validate_submission(obj: Any, tasks: Sequence[ArcTask]) -> None:
                     problems.append(f"unexpected {', '.join(sorted(map(str, keys - wanted)))}")
                 raise ValueError(f"{where}: {'; '.join(problems)}")
             for attempt in ("attempt_1", "attempt_2"):
-                _check_grid(entry[attempt], f"{where} {attempt}")
+                try:
+                    validate_grid(entry[attempt], f"{where} {attempt}")
+                except DataError as err:  # the loader's grid rules and wording, raised as this function's error
+                    raise ValueError(str(err)) from None

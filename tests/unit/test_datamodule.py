@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from trm_lightning.data.datamodule import ARCDataModule
-from trm_lightning.data.episodes import EpisodeSampler
-from trm_lightning.data.synthetic import make_synthetic_tasks, task_to_json, write_task_dir
+from trm_lightning.data.episodes import EpisodeDataset, EpisodeSampler
+from trm_lightning.data.synthetic import make_synthetic_tasks
+from trm_lightning.data.task_json import task_to_json, write_task_dir
 from trm_lightning.errors import ConfigError
 
 
@@ -31,7 +32,7 @@ def test_setup_on_synthetic_dirs(synthetic_task_dir, synthetic_eval_dir):
     assert dm.train_tasks is first
     assert dm.local_batch_size == 8
     assert dm.episodes_per_epoch == 16  # 12 test pairs rounded up to a multiple of 8
-    assert dm.val_dataloader_names == ["val"]
+    assert len(dm.val_dataloader()) == 1  # val_seen_puzzles=0: no val_seen view
 
 
 def test_firewall_drops_tasks_shared_with_eval(tmp_path, synthetic_task_dir, synthetic_eval_dir, synthetic_eval_tasks):
@@ -156,7 +157,6 @@ def test_val_and_test_dataloaders(synthetic_task_dir, synthetic_eval_dir):
         eval_batch_size=5,
     )
     val, seen = dm.val_dataloader()
-    assert dm.val_dataloader_names == ["val", "val_seen"]
     assert len(val.dataset) == 6 * 3 and val.batch_size == 5
     batch = next(iter(val))
     assert batch["aug_index"].tolist() == [0, 1, 2, 0, 1]
@@ -171,16 +171,66 @@ def test_val_and_test_dataloaders(synthetic_task_dir, synthetic_eval_dir):
 
     only = _dm(synthetic_task_dir, synthetic_eval_dir, val_seen_puzzles=0)
     loaders = only.val_dataloader()
-    assert len(loaders) == 1 and only.val_dataloader_names == ["val"]
+    assert len(loaders) == 1
+
+
+def test_queries_of_both_splits_as_episodes_batch_and_loader(synthetic_task_dir, synthetic_eval_dir):
+    dm = _dm(synthetic_task_dir, synthetic_eval_dir, num_train_augmentations=3, train_on_eval_demos=True,
+             eval_batch_size=4)
+    train = dm.queries("train", [0, 5])
+    assert [(k.task_index, k.query_index, k.aug_index) for k in train.keys] == [
+        (t, 0, a) for t in range(12) for a in (0, 5)]
+    rows = train.batch()
+    # trained versions carry their row of the table, versions beyond num_train_augmentations the blank id
+    assert rows["puzzle_id"].tolist() == [1 + t * 3 if a == 0 else 0 for t in range(12) for a in (0, 5)]
+    first = train.batch(3)
+    assert first["inputs"].shape[0] == 3
+    for key in rows:
+        assert torch.equal(first[key], torch.stack([train[i][key] for i in range(3)]))
+    # evaluation tasks follow the training tasks in the table (TRM protocol on)
+    held = dm.queries("eval", [1]).batch()
+    assert held["task_index"].tolist() == list(range(6))
+    assert held["puzzle_id"].tolist() == [1 + (12 + t) * 3 + 1 for t in range(6)]
+    # a subset keeps its indices into the whole split
+    some = dm.queries("train", [0], task_indices=[7, 2])
+    assert [k.task_index for k in some.keys] == [2, 7]
+    loader = dm.query_loader("eval", [0, 1])
+    assert loader.batch_size == 4 and len(loader.dataset) == 12
+    for key, value in next(iter(loader)).items():
+        assert torch.equal(value, dm.queries("eval", [0, 1]).batch(4)[key])
+    with pytest.raises(ValueError, match="split must be 'train' or 'eval'"):
+        dm.queries("test", [0])
+    off = _dm(synthetic_task_dir, synthetic_eval_dir, num_train_augmentations=3)
+    assert off.queries("eval", [0]).batch()["puzzle_id"].eq(0).all()  # held-out tasks: never in the table
 
 
 @pytest.mark.parametrize(
-    "kwargs",
-    [{"canvas_size": 0}, {"max_train_puzzles": 0}, {"leave_one_out_prob": 2.0}, {"val_augmentations": 0}],
+    "kwargs, message",
+    [
+        ({"canvas_size": 0}, "canvas_size must be >= 1, got 0"),
+        ({"max_train_puzzles": 0}, "max_train_puzzles must be >= 1 or None, got 0"),
+        ({"leave_one_out_prob": 2.0}, "leave_one_out_prob must be in [0, 1], got 2.0"),
+        ({"val_augmentations": 0}, "val_augmentations must be >= 1, got 0"),
+        ({"puzzle_subset_seed": -1}, "puzzle_subset_seed must be >= 0, got -1"),
+    ],
 )
-def test_bad_config(kwargs):
-    with pytest.raises(ConfigError):
+def test_bad_config(kwargs, message):
+    with pytest.raises(ConfigError) as info:
         ARCDataModule(**kwargs)
+    assert str(info.value) == message
+
+
+def test_datamodule_and_episodes_share_their_argument_checks():
+    # the same key, the same rule, the same line, whichever of the two is given the bad value
+    tasks = make_synthetic_tasks(2)
+    for build in (lambda: ARCDataModule(max_demos=0), lambda: EpisodeDataset(tasks, canvas_size=6, max_demos=0)):
+        with pytest.raises(ConfigError, match=r"^max_demos must be >= 1, got 0$"):
+            build()
+    dataset = EpisodeDataset(tasks, canvas_size=6, max_demos=3)
+    with pytest.raises(ConfigError, match=r"^leave_one_out_prob must be in \[0, 1\], got -0.5$"):
+        EpisodeSampler(dataset, tasks, 4, leave_one_out_prob=-0.5)
+    with pytest.raises(ConfigError, match=r"^leave_one_out_prob must be in \[0, 1\], got -0.5$"):
+        ARCDataModule(leave_one_out_prob=-0.5)
 
 
 def test_real_arc1_at_canvas_10():

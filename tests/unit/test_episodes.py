@@ -6,7 +6,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from trm_lightning.data.arc import ArcTask
-from trm_lightning.data.augment import augmentation_for
+from trm_lightning.data.augment import Augmentation, augmentation_for
 from trm_lightning.data.episodes import EpisodeDataset, EpisodeKey, EpisodeSampler, KeyedEpisodes, eval_keys
 from trm_lightning.data.synthetic import make_synthetic_tasks
 from trm_lightning.data.tokenize import crop_canvas
@@ -64,7 +64,7 @@ def test_augmented_episode_inverts(tasks):
     ds = EpisodeDataset(tasks, canvas_size=S, max_demos=3, seed=11)
     item = ds[EpisodeKey(1, 0, 17)]
     aug = augmentation_for(11, tasks[1].task_id, 17)
-    assert not aug.is_identity
+    assert aug != Augmentation.identity()
     for slot, (inp, out) in enumerate(tasks[1].train):
         np.testing.assert_array_equal(crop_canvas(item["demo_inputs"][slot]), aug.apply(inp))
         np.testing.assert_array_equal(aug.invert(crop_canvas(item["demo_outputs"][slot])), out)

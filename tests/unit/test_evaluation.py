@@ -343,8 +343,8 @@ def test_write_and_validate_submission(tmp_path):
         (broken(lambda s: s.update(extra=[])), "unknown task.*extra"),
         (broken(lambda s: s["task_a"].pop()), "task 'task_a': 1 entries but the task has 2"),
         (broken(lambda s: s["task_a"][1].pop("attempt_2")), "task 'task_a' test input 1: missing attempt_2"),
-        (broken(lambda s: s["task_b"][0]["attempt_1"].append([1])), "task_b' test input 0 attempt_1: not rectangular"),
-        (broken(lambda s: s["task_c"][0].update(attempt_2=[[1, 10]])), "attempt_2: cell \\(0, 1\\) is 10"),
+        (broken(lambda s: s["task_b"][0]["attempt_1"].append([1])), "task_b' test input 0 attempt_1: ragged rows"),
+        (broken(lambda s: s["task_c"][0].update(attempt_2=[[1, 10]])), "attempt_2: colour 10 outside 0..9 at cell"),
         (broken(lambda s: s["task_c"][0].update(attempt_1=[[True]])), "attempt_1: cell \\(0, 0\\) is True"),
         (broken(lambda s: s["task_c"][0].update(attempt_1=[])), "attempt_1: empty grid"),
         (broken(lambda s: s.update(task_c={"attempt_1": [[1]]})), "task 'task_c': expected a list"),
@@ -430,7 +430,7 @@ def test_named_augmentation_modes():
     assert all(a.colour_perm == tuple(range(10)) for a in dihedral)
     by_colour = [augmentation_for(0, "task", i) for i in evaluation_augmentations("dihedral_x3")]
     assert len(by_colour) == 24 and len({(a.dihedral, a.colour_perm) for a in by_colour}) == 24
-    assert by_colour[0].is_identity and sum(a.colour_perm == tuple(range(10)) for a in by_colour) == 8
+    assert by_colour[0] == Augmentation.identity() and sum(a.colour_perm == tuple(range(10)) for a in by_colour) == 8
     assert len(evaluation_augmentations("trm")) == 1000 and evaluation_augmentations(5) == [0, 1, 2, 3, 4]
     for bad in ("dihedral_x0", "dihedral_xk", "sideways", 0):
         with pytest.raises(ValueError):

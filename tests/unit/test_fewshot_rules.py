@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from trm_lightning.data.augment import dihedral
-from trm_lightning.data.synthetic import (
+from trm_lightning.data.fewshot_rules import (
     FEWSHOT_FAMILIES,
     FewshotRule,
     make_fewshot_split,

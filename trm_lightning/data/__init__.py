@@ -10,7 +10,9 @@ from trm_lightning.data.augment import (
 )
 from trm_lightning.data.datamodule import ARCDataModule
 from trm_lightning.data.episodes import EpisodeDataset, EpisodeKey, EpisodeSampler, KeyedEpisodes, eval_keys
-from trm_lightning.data.synthetic import make_fewshot_split, make_synthetic_tasks, write_task_dir
+from trm_lightning.data.fewshot_rules import make_fewshot_split
+from trm_lightning.data.synthetic import make_synthetic_tasks
+from trm_lightning.data.task_json import write_task_dir
 from trm_lightning.data.tokenize import canvas_labels, crop_canvas, grid_to_canvas
 
 __all__ = [

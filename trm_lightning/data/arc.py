@@ -117,7 +117,13 @@ def validate_grid(value: Any, where: str) -> np.ndarray:
                 raise DataError(f"{where}: cell ({r}, {c}) is {cell!r}, not an integer colour")
             if not 0 <= cell <= 9:
                 raise DataError(f"{where}: colour {cell} outside 0..9 at cell ({r}, {c})")
-    grid = np.array(value, dtype=np.uint8)
+    return readonly_grid(np.array(value, dtype=np.uint8))
+
+
+def readonly_grid(grid: np.ndarray) -> np.ndarray:
+    """``grid`` as an :class:`ArcTask` holds it: a C-contiguous uint8 array, read-only (no copy when it already is
+    contiguous uint8: that array itself becomes read-only)."""
+    grid = np.ascontiguousarray(grid, dtype=np.uint8)
     grid.setflags(write=False)
     return grid
 

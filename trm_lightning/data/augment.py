@@ -83,10 +83,6 @@ class Augmentation:
     def identity(cls) -> Augmentation:
         return cls(0, tuple(range(10)))
 
-    @property
-    def is_identity(self) -> bool:
-        return self.dihedral == 0 and self.colour_perm == tuple(range(10))
-
     def _perm(self) -> np.ndarray:
         return np.asarray(self.colour_perm, dtype=np.uint8)
 

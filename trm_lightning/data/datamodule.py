@@ -3,23 +3,25 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Iterable, Sequence
+from typing import Any, Literal
 
 import lightning
 import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch.utils.data import DataLoader, default_collate
+from torch.utils.data import DataLoader
 
 from trm_lightning.data.arc import ArcTask, load_source
 from trm_lightning.data.augment import evaluation_augmentations
+from trm_lightning.data.checks import check_at_least, check_probability
 from trm_lightning.data.episodes import (
     EpisodeDataset,
     EpisodeKey,
     EpisodeLoader,
     EpisodeSampler,
     KeyedEpisodes,
-    eval_keys,
+    query_episodes,
 )
 from trm_lightning.errors import ConfigError
 from trm_lightning.trainer_state import batches_done_this_epoch
@@ -87,28 +89,20 @@ class ARCDataModule(lightning.LightningDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        checks = [
-            (canvas_size >= 1, f"canvas_size must be >= 1, got {canvas_size}"),
-            (max_demos >= 1, f"max_demos must be >= 1, got {max_demos}"),
-            (max_train_puzzles is None or max_train_puzzles >= 1,
-             f"max_train_puzzles must be >= 1 or None, got {max_train_puzzles}"),
-            (max_eval_puzzles is None or max_eval_puzzles >= 0,
-             f"max_eval_puzzles must be >= 0 or None, got {max_eval_puzzles}"),
-            (global_batch_size >= 1, f"global_batch_size must be >= 1, got {global_batch_size}"),
-            (eval_batch_size is None or eval_batch_size >= 1,
-             f"eval_batch_size must be >= 1 or None, got {eval_batch_size}"),
-            (episodes_per_epoch is None or episodes_per_epoch >= 1,
-             f"episodes_per_epoch must be >= 1 or None, got {episodes_per_epoch}"),
-            (num_train_augmentations >= 1, f"num_train_augmentations must be >= 1, got {num_train_augmentations}"),
-            (val_augmentations >= 1, f"val_augmentations must be >= 1, got {val_augmentations}"),
-            (val_seen_puzzles >= 0, f"val_seen_puzzles must be >= 0, got {val_seen_puzzles}"),
-            (0.0 <= leave_one_out_prob <= 1.0, f"leave_one_out_prob must be in [0, 1], got {leave_one_out_prob}"),
-            (num_workers >= 0, f"num_workers must be >= 0, got {num_workers}"),
-            (seed >= 0 and puzzle_subset_seed >= 0, "seed and puzzle_subset_seed must be >= 0"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
+        check_at_least("canvas_size", canvas_size, 1)
+        check_at_least("max_demos", max_demos, 1)
+        check_at_least("max_train_puzzles", max_train_puzzles, 1, allow_none=True)
+        check_at_least("max_eval_puzzles", max_eval_puzzles, 0, allow_none=True)
+        check_at_least("global_batch_size", global_batch_size, 1)
+        check_at_least("eval_batch_size", eval_batch_size, 1, allow_none=True)
+        check_at_least("episodes_per_epoch", episodes_per_epoch, 1, allow_none=True)
+        check_at_least("num_train_augmentations", num_train_augmentations, 1)
+        check_at_least("val_augmentations", val_augmentations, 1)
+        check_at_least("val_seen_puzzles", val_seen_puzzles, 0)
+        check_probability("leave_one_out_prob", leave_one_out_prob)
+        check_at_least("num_workers", num_workers, 0)
+        check_at_least("seed", seed, 0)
+        check_at_least("puzzle_subset_seed", puzzle_subset_seed, 0)
         try:
             self.test_aug_indices = evaluation_augmentations(test_augmentations)
         except ValueError as err:
@@ -137,7 +131,6 @@ class ARCDataModule(lightning.LightningDataModule):
         self.train_tasks: list[ArcTask] = []
         self.eval_tasks: list[ArcTask] = []
         self.data_summary: dict[str, Any] = {}
-        self.val_dataloader_names = ["val", "val_seen"] if val_seen_puzzles > 0 else ["val"]
         self._is_set_up = False
 
     # ------------------------------------------------------------------ sizes the model links to
@@ -325,18 +318,54 @@ class ARCDataModule(lightning.LightningDataModule):
     def _eval_batch_size(self) -> int:
         return self.eval_batch_size if self.eval_batch_size is not None else self.local_batch_size
 
-    def _heldout_loader(self, aug_indices: list[int] | None = None, include_unlabelled: bool = False) -> DataLoader:
-        dataset = EpisodeDataset(
-            self.eval_tasks,
+    def queries(
+        self,
+        split: Literal["train", "eval"],
+        aug_indices: Sequence[int],
+        *,
+        task_indices: Iterable[int] | None = None,
+        include_unlabelled: bool = False,
+    ) -> KeyedEpisodes:
+        """The test-pair queries of the training (``split="train"``) or evaluation tasks (``"eval"``) under
+        ``aug_indices``, as :func:`~trm_lightning.data.episodes.query_episodes` lists them.
+
+        ``task_indices`` index that split's task list; rows carry the puzzle ids training gave them: a training
+        task's versions below ``num_train_augmentations``, an evaluation task's only with
+        ``train_on_eval_demos`` (otherwise the blank id 0). Loads the tasks.
+        """
+        self.setup()
+        if split == "train":
+            tasks, id_base, id_augmentations = self.train_tasks, 0, self.num_train_augmentations
+        elif split == "eval":
+            tasks, id_base = self.eval_tasks, len(self.train_tasks)  # in the table, eval tasks follow train tasks
+            id_augmentations = self.num_train_augmentations if self.train_on_eval_demos else 0
+        else:
+            raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+        return query_episodes(
+            tasks,
             self.canvas_size,
             self.max_demos,
+            aug_indices,
             seed=self.seed,
-            puzzle_id_base=len(self.train_tasks),
-            puzzle_id_augmentations=self.num_train_augmentations if self.train_on_eval_demos else 0,
+            puzzle_id_base=id_base,
+            puzzle_id_augmentations=id_augmentations,
+            task_indices=task_indices,
+            include_unlabelled=include_unlabelled,
         )
-        augs = aug_indices if aug_indices is not None else list(range(self.val_augmentations))
-        keys = eval_keys(self.eval_tasks, augs, include_unlabelled=include_unlabelled)
-        return self._loader(KeyedEpisodes(dataset, keys), self._eval_batch_size(), shuffle=False)
+
+    def query_loader(
+        self,
+        split: Literal["train", "eval"],
+        aug_indices: Sequence[int],
+        *,
+        task_indices: Iterable[int] | None = None,
+        include_unlabelled: bool = False,
+    ) -> DataLoader:
+        """:meth:`queries` as an evaluation DataLoader (``eval_batch_size``, in order, every row kept)."""
+        episodes = self.queries(
+            split, aug_indices, task_indices=task_indices, include_unlabelled=include_unlabelled
+        )
+        return self._loader(episodes, self._eval_batch_size(), shuffle=False)
 
     def val_seen_task_indices(self) -> list[int]:
         """Indices into ``train_tasks`` of the ``val_seen`` tasks (a fixed choice from ``seed``)."""
@@ -344,19 +373,6 @@ class ARCDataModule(lightning.LightningDataModule):
         n = min(self.val_seen_puzzles, len(self.train_tasks))
         rng = np.random.default_rng([self.seed, 0x5EE7])
         return sorted(int(i) for i in rng.choice(len(self.train_tasks), size=n, replace=False))
-
-    def _seen_loader(self) -> DataLoader:
-        dataset = EpisodeDataset(
-            self.train_tasks,
-            self.canvas_size,
-            self.max_demos,
-            seed=self.seed,
-            puzzle_id_augmentations=self.num_train_augmentations,
-        )
-        augs = [self.num_train_augmentations + j for j in range(self.val_augmentations)]
-        chosen = set(self.val_seen_task_indices())
-        keys = [k for k in eval_keys(self.train_tasks, augs) if k.task_index in chosen]
-        return self._loader(KeyedEpisodes(dataset, keys), self._eval_batch_size(), shuffle=False)
 
     def probe_batch(self, num_tasks: int = 16, views: int = 2) -> dict[str, torch.Tensor]:
         """A fixed probe set for representation diagnostics, as one collated batch.
@@ -376,27 +392,29 @@ class ARCDataModule(lightning.LightningDataModule):
         dataset = EpisodeDataset(
             self.train_tasks, self.canvas_size, self.max_demos, seed=self.seed, translate=self.translate
         )
-        items = [
-            dataset[EpisodeKey(t, self.train_tasks[t].labelled_test_indices[0], first_aug + v)]
+        # not query_episodes: one query per task (its first labelled one), view-major, placed as training places
+        keys = [
+            EpisodeKey(t, self.train_tasks[t].labelled_test_indices[0], first_aug + v)
             for v in range(views)
             for t in chosen
         ]
-        return default_collate(items)
+        return KeyedEpisodes(dataset, keys).batch()
 
     def val_dataloader(self) -> list[DataLoader]:
+        """The ``val`` loader (held-out tasks), then with ``val_seen_puzzles`` the ``val_seen`` one."""
         self.setup()
-        loaders = [self._heldout_loader()]
-        if self.val_seen_puzzles > 0:
-            loaders.append(self._seen_loader())
-        self.val_dataloader_names = ["val", "val_seen"][: len(loaders)]
+        loaders = [self.query_loader("eval", range(self.val_augmentations))]
+        if self.val_seen_puzzles > 0:  # training tasks under versions training never draws
+            unseen = [self.num_train_augmentations + j for j in range(self.val_augmentations)]
+            loaders.append(self.query_loader("train", unseen, task_indices=self.val_seen_task_indices()))
         return loaders
 
     def test_dataloader(self) -> DataLoader:
         self.setup()
-        return self._heldout_loader(self.test_aug_indices)
+        return self.query_loader("eval", self.test_aug_indices)
 
     def predict_dataloader(self) -> DataLoader:
         """Every test input of the evaluation tasks, with or without a known output, under the
         ``test_augmentations`` versions (``trm predict`` writes a submission from their votes)."""
         self.setup()
-        return self._heldout_loader(self.test_aug_indices, include_unlabelled=True)
+        return self.query_loader("eval", self.test_aug_indices, include_unlabelled=True)

@@ -3,21 +3,22 @@
 An episode is named by an :class:`EpisodeKey` (task, query pair, augmentation). The dataset builds the
 tensors on the fly from that key, so there is nothing precomputed; :class:`EpisodeSampler` decides which
 keys an epoch visits (deterministically from ``(seed, epoch)``, split across ranks), and
-:func:`eval_keys` lists the fixed keys of an evaluation.
+:func:`eval_keys` lists the fixed keys of an evaluation (:func:`query_episodes`: those episodes as a dataset).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 
 from trm_lightning.data.arc import ArcTask
 from trm_lightning.data.augment import augmentation_for, translation_for
+from trm_lightning.data.checks import check_at_least, check_probability
 from trm_lightning.data.tokenize import canvas_labels, grid_to_canvas
 from trm_lightning.errors import ConfigError, DataError
 from trm_lightning.vocab import IGNORE_LABEL, PAD
@@ -76,10 +77,8 @@ class EpisodeDataset(Dataset):
         puzzle_id_base: int = 0,
         puzzle_id_augmentations: int = 0,
     ) -> None:
-        if canvas_size < 1:
-            raise ConfigError(f"canvas_size must be >= 1, got {canvas_size}")
-        if max_demos < 1:
-            raise ConfigError(f"max_demos must be >= 1, got {max_demos}")
+        check_at_least("canvas_size", canvas_size, 1)
+        check_at_least("max_demos", max_demos, 1)
         self.tasks = list(tasks)
         self.canvas_size = canvas_size
         self.max_demos = max_demos
@@ -208,18 +207,14 @@ class EpisodeSampler(DistributedSampler):
         leave_one_out_prob: float = 0.0,
         demos_only: Sequence[bool] | None = None,
     ) -> None:
-        if num_replicas < 1:
-            raise ConfigError(f"num_replicas must be >= 1, got {num_replicas}")
+        check_at_least("num_replicas", num_replicas, 1)
         if episodes_per_epoch < num_replicas:
             raise ConfigError(
                 f"episodes_per_epoch={episodes_per_epoch} is less than the number of ranks ({num_replicas})"
             )
-        if num_augmentations < 1:
-            raise ConfigError(f"num_augmentations must be >= 1, got {num_augmentations}")
-        if not 0.0 <= leave_one_out_prob <= 1.0:
-            raise ConfigError(f"leave_one_out_prob must be in [0, 1], got {leave_one_out_prob}")
-        if seed < 0:
-            raise ConfigError(f"seed must be >= 0, got {seed}")
+        check_at_least("num_augmentations", num_augmentations, 1)
+        check_probability("leave_one_out_prob", leave_one_out_prob)
+        check_at_least("seed", seed, 0)
         if not tasks:
             raise ConfigError("EpisodeSampler needs at least one task")
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
@@ -324,6 +319,13 @@ class KeyedEpisodes(Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return self.episodes[self.keys[i]]
 
+    def batch(self, rows: int | None = None) -> dict[str, torch.Tensor]:
+        """The first ``rows`` items (all of them by default) collated into one batch, in order."""
+        keys = self.keys[:rows]
+        if not keys:
+            raise ValueError("no episodes to batch")
+        return default_collate([self.episodes[key] for key in keys])
+
 
 def eval_keys(
     tasks: Sequence[ArcTask], aug_indices: Sequence[int], *, include_unlabelled: bool = False
@@ -340,3 +342,36 @@ def eval_keys(
                 continue
             keys.extend(EpisodeKey(task_index, query_index, aug) for aug in aug_indices)
     return keys
+
+
+def query_episodes(
+    tasks: Sequence[ArcTask],
+    canvas_size: int,
+    max_demos: int,
+    aug_indices: Sequence[int],
+    *,
+    seed: int = 0,
+    puzzle_id_base: int = 0,
+    puzzle_id_augmentations: int = 0,
+    task_indices: Iterable[int] | None = None,
+    include_unlabelled: bool = False,
+) -> KeyedEpisodes:
+    """The test-pair queries of ``tasks`` under ``aug_indices``: the fixed episodes of an evaluation.
+
+    Keys as :func:`eval_keys` lists them (task, test pair, augmentation); with ``task_indices`` only those
+    tasks' keys, still indexing the whole ``tasks`` (so puzzle ids and the evaluator's task indices do not
+    move). Episodes are never translated; the other arguments are :class:`EpisodeDataset`'s.
+    """
+    dataset = EpisodeDataset(
+        tasks,
+        canvas_size,
+        max_demos,
+        seed=seed,
+        puzzle_id_base=puzzle_id_base,
+        puzzle_id_augmentations=puzzle_id_augmentations,
+    )
+    keys = eval_keys(tasks, aug_indices, include_unlabelled=include_unlabelled)
+    if task_indices is not None:
+        chosen = set(task_indices)
+        keys = [key for key in keys if key.task_index in chosen]
+    return KeyedEpisodes(dataset, keys)
