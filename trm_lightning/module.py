@@ -29,6 +29,7 @@ from torch import Tensor
 
 from trm_lightning import resume
 from trm_lightning.architecture import architecture_mismatch, conditioner_spec
+from trm_lightning.checks import check_at_least, check_divisible, check_greater, check_probability, check_range
 from trm_lightning.errors import ConfigError
 from trm_lightning.evaluation import ARCVoteEvaluator
 from trm_lightning.losses import act_loss
@@ -43,6 +44,28 @@ from trm_lightning.trainer_state import ignore_in_ddp, is_logging_step
 from trm_lightning.vocab import VOCAB_SIZE
 
 VAL_VIEWS = ("val", "val_seen")
+POSITIVE_INTS = ("canvas_size", "hidden_size", "num_heads", "L_layers", "H_cycles", "L_cycles", "halt_max_steps",
+                 "puzzle_emb_len", "num_puzzle_ids")
+NON_NEGATIVE = ("q_halt_loss_weight", "lr", "encoder_lr_scale", "weight_decay", "lr_warmup_steps", "freeze_trm_steps",
+                "freeze_encoder_steps", "puzzle_emb_lr", "puzzle_emb_weight_decay")
+
+
+def check_arguments(hp: Mapping[str, Any]) -> None:
+    """Every numeric argument of :class:`TRMLitModule` in its allowed range, else one ``ConfigError`` line naming
+    ``model.<key>``, the value and the range (before anything is built)."""
+    for key in POSITIVE_INTS:
+        check_at_least(f"model.{key}", hp[key], 1)
+    for key in NON_NEGATIVE:
+        check_at_least(f"model.{key}", hp[key], 0)
+    check_divisible("model.hidden_size", hp["hidden_size"], "model.num_heads", hp["num_heads"])
+    if (hp["hidden_size"] // hp["num_heads"]) % 2:
+        raise ConfigError(f"model.hidden_size / model.num_heads = {hp['hidden_size'] // hp['num_heads']} must be even "
+                          "(rotary position embeddings rotate pairs of dimensions)")
+    check_greater("model.expansion", hp["expansion"], 0)
+    check_probability("model.halt_exploration_prob", hp["halt_exploration_prob"])
+    check_probability("model.lr_min_ratio", hp["lr_min_ratio"])
+    check_range("model.beta1", hp["beta1"], 0.0, 1.0, high_open=True)
+    check_range("model.beta2", hp["beta2"], 0.0, 1.0, high_open=True)
 
 
 def _factory(conditioner: ConditionerFactory | Mapping[str, Any]) -> ConditionerFactory:
@@ -129,6 +152,7 @@ class TRMLitModule(LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        check_arguments(self.hparams)
         # plain data (class_path + init_args, defaults filled in): checkpoints load with weights_only=True
         self.hparams["conditioner"] = conditioner_spec(self.hparams["conditioner"])
         self.model = self._build_model()

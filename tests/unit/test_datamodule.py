@@ -207,11 +207,12 @@ def test_queries_of_both_splits_as_episodes_batch_and_loader(synthetic_task_dir,
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"canvas_size": 0}, "canvas_size must be >= 1, got 0"),
-        ({"max_train_puzzles": 0}, "max_train_puzzles must be >= 1 or None, got 0"),
-        ({"leave_one_out_prob": 2.0}, "leave_one_out_prob must be in [0, 1], got 2.0"),
-        ({"val_augmentations": 0}, "val_augmentations must be >= 1, got 0"),
-        ({"puzzle_subset_seed": -1}, "puzzle_subset_seed must be >= 0, got -1"),
+        ({"canvas_size": 0}, "data.canvas_size must be >= 1, got 0"),
+        ({"max_train_puzzles": 0}, "data.max_train_puzzles must be >= 1 or None, got 0"),
+        ({"leave_one_out_prob": 2.0}, "data.leave_one_out_prob must be in [0.0, 1.0], got 2.0"),
+        ({"leave_one_out_prob": float("nan")}, "data.leave_one_out_prob must be a finite number, got nan"),
+        ({"val_augmentations": 0}, "data.val_augmentations must be >= 1, got 0"),
+        ({"puzzle_subset_seed": -1}, "data.puzzle_subset_seed must be >= 0, got -1"),
     ],
 )
 def test_bad_config(kwargs, message):
@@ -221,15 +222,16 @@ def test_bad_config(kwargs, message):
 
 
 def test_datamodule_and_episodes_share_their_argument_checks():
-    # the same key, the same rule, the same line, whichever of the two is given the bad value
+    # the same rule and the same line whichever of the two is given the bad value (the datamodule names its key)
     tasks = make_synthetic_tasks(2)
-    for build in (lambda: ARCDataModule(max_demos=0), lambda: EpisodeDataset(tasks, canvas_size=6, max_demos=0)):
-        with pytest.raises(ConfigError, match=r"^max_demos must be >= 1, got 0$"):
+    for build, key in ((lambda: ARCDataModule(max_demos=0), "data.max_demos"),
+                       (lambda: EpisodeDataset(tasks, canvas_size=6, max_demos=0), "max_demos")):
+        with pytest.raises(ConfigError, match=rf"^{key} must be >= 1, got 0$"):
             build()
     dataset = EpisodeDataset(tasks, canvas_size=6, max_demos=3)
-    with pytest.raises(ConfigError, match=r"^leave_one_out_prob must be in \[0, 1\], got -0.5$"):
+    with pytest.raises(ConfigError, match=r"^leave_one_out_prob must be in \[0.0, 1.0\], got -0.5$"):
         EpisodeSampler(dataset, tasks, 4, leave_one_out_prob=-0.5)
-    with pytest.raises(ConfigError, match=r"^leave_one_out_prob must be in \[0, 1\], got -0.5$"):
+    with pytest.raises(ConfigError, match=r"^data.leave_one_out_prob must be in \[0.0, 1.0\], got -0.5$"):
         ARCDataModule(leave_one_out_prob=-0.5)
 
 

@@ -136,8 +136,8 @@ def _parse_pairs(pairs: Any, where: str, kind: str, require_output: bool) -> lis
         at = f"{where} {kind} pair {i}"
         if not isinstance(pair, dict) or "input" not in pair:
             raise DataError(f"{at}: expected an object with 'input'{' and output' if require_output else ''}")
-        if require_output and "output" not in pair:
-            raise DataError(f"{at}: missing 'output'")
+        if require_output and pair.get("output") is None:  # a demo pair is nothing without its output
+            raise DataError(f"{at}: missing 'output'" if "output" not in pair else f"{at}: 'output' is null")
         inp = validate_grid(pair["input"], f"{at} input")
         outp = validate_grid(pair["output"], f"{at} output") if pair.get("output") is not None else None
         out.append((inp, outp))

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 
 from trm_lightning.data.arc import ArcTask, load_source
 from trm_lightning.data.augment import evaluation_augmentations
-from trm_lightning.data.checks import check_at_least, check_probability
+from trm_lightning.checks import check_at_least, check_probability
 from trm_lightning.data.episodes import (
     EpisodeDataset,
     EpisodeKey,
@@ -89,20 +89,20 @@ class ARCDataModule(lightning.LightningDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        check_at_least("canvas_size", canvas_size, 1)
-        check_at_least("max_demos", max_demos, 1)
-        check_at_least("max_train_puzzles", max_train_puzzles, 1, allow_none=True)
-        check_at_least("max_eval_puzzles", max_eval_puzzles, 0, allow_none=True)
-        check_at_least("global_batch_size", global_batch_size, 1)
-        check_at_least("eval_batch_size", eval_batch_size, 1, allow_none=True)
-        check_at_least("episodes_per_epoch", episodes_per_epoch, 1, allow_none=True)
-        check_at_least("num_train_augmentations", num_train_augmentations, 1)
-        check_at_least("val_augmentations", val_augmentations, 1)
-        check_at_least("val_seen_puzzles", val_seen_puzzles, 0)
-        check_probability("leave_one_out_prob", leave_one_out_prob)
-        check_at_least("num_workers", num_workers, 0)
-        check_at_least("seed", seed, 0)
-        check_at_least("puzzle_subset_seed", puzzle_subset_seed, 0)
+        check_at_least("data.canvas_size", canvas_size, 1)
+        check_at_least("data.max_demos", max_demos, 1)
+        check_at_least("data.max_train_puzzles", max_train_puzzles, 1, allow_none=True)
+        check_at_least("data.max_eval_puzzles", max_eval_puzzles, 0, allow_none=True)
+        check_at_least("data.global_batch_size", global_batch_size, 1)
+        check_at_least("data.eval_batch_size", eval_batch_size, 1, allow_none=True)
+        check_at_least("data.episodes_per_epoch", episodes_per_epoch, 1, allow_none=True)
+        check_at_least("data.num_train_augmentations", num_train_augmentations, 1)
+        check_at_least("data.val_augmentations", val_augmentations, 1)
+        check_at_least("data.val_seen_puzzles", val_seen_puzzles, 0)
+        check_probability("data.leave_one_out_prob", leave_one_out_prob)
+        check_at_least("data.num_workers", num_workers, 0)
+        check_at_least("data.seed", seed, 0)
+        check_at_least("data.puzzle_subset_seed", puzzle_subset_seed, 0)
         try:
             self.test_aug_indices = evaluation_augmentations(test_augmentations)
         except ValueError as err:

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_co
 
 from trm_lightning.data.arc import ArcTask
 from trm_lightning.data.augment import augmentation_for, translation_for
-from trm_lightning.data.checks import check_at_least, check_probability
+from trm_lightning.checks import check_at_least, check_probability
 from trm_lightning.data.tokenize import canvas_labels, grid_to_canvas
 from trm_lightning.errors import ConfigError, DataError
 from trm_lightning.vocab import IGNORE_LABEL, PAD
@@ -238,10 +238,17 @@ class EpisodeSampler(DistributedSampler):
         self._resume: tuple[int, int] | None = None  # (epoch, episodes of it already trained on, this rank)
 
     def resume_at(self, epoch: int, episodes_done: int) -> None:
-        """The next iteration of ``epoch`` starts after its first ``episodes_done`` keys (a mid-epoch resume)."""
+        """Iterations of ``epoch`` start after its first ``episodes_done`` keys (a mid-epoch resume), until the
+        sampler moves to another epoch."""
         if not 0 <= episodes_done <= self.num_samples:
             raise ValueError(f"episodes_done={episodes_done} is outside 0..{self.num_samples}")
         self._resume = (epoch, episodes_done)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Move to ``epoch``; a resume offset of another epoch no longer applies."""
+        super().set_epoch(epoch)
+        if self._resume is not None and self._resume[0] != epoch:
+            self._resume = None
 
     def __len__(self) -> int:
         return self.num_samples
@@ -271,10 +278,14 @@ class EpisodeSampler(DistributedSampler):
         return keys
 
     def __iter__(self) -> Iterator[EpisodeKey]:
+        """This rank's keys of the current epoch, after the resume offset of this epoch if there is one.
+
+        A pure function of (epoch, resume offset): iterating twice gives the same keys, so an iterator created
+        early (data workers draw their first keys when the loader's iterator is made) and one created later agree.
+        """
         keys = self.global_keys()[self.rank :: self.num_replicas][: self.num_samples]
         if self._resume is not None and self._resume[0] == self.epoch:
             keys = keys[self._resume[1] :]
-        self._resume = None  # only the first iteration after a resume is shortened
         return iter(keys)
 
 
@@ -283,8 +294,9 @@ class EpisodeLoader(DataLoader):
 
     Lightning saves the state with every checkpoint and loads it before it iterates again; the state is
     the sampler's epoch and the batches already trained on in it (``progress()``, read from the Trainer
-    at save time, not from this loader, which prefetches ahead). On resume, the sampler skips them, so
-    the run sees exactly the batches an uninterrupted run would have seen.
+    at save time, not from this loader or its workers, which prefetch ahead). On resume, the sampler moves to
+    that epoch and skips them, so the run sees exactly the batches an uninterrupted run would have seen, with or
+    without data workers.
 
     Args:
         progress: returns the number of batches of the current epoch whose optimizer step is done.
@@ -302,8 +314,13 @@ class EpisodeLoader(DataLoader):
         return {"epoch": int(self.sampler.epoch), "batches": int(self._progress())}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        """Resume inside the saved epoch. The epoch is set here, not left to Lightning's ``set_epoch``: on a resume
+        Lightning creates the one iterator of that epoch right after this call and before it sets the epoch, and
+        with data workers that iterator draws its keys from the sampler at once."""
+        epoch = int(state["epoch"])
         batches = min(int(state["batches"]), len(self))
-        self.sampler.resume_at(int(state["epoch"]), batches * int(self.batch_size))
+        self.sampler.set_epoch(epoch)
+        self.sampler.resume_at(epoch, batches * int(self.batch_size))
 
 
 class KeyedEpisodes(Dataset):

@@ -28,6 +28,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from trm_lightning.checks import check_at_least
 from trm_lightning.models.conditioning import Conditioner, ConditionerShape
 from trm_lightning.models.layers import Block, CrossAttention, RotaryEmbedding, lecun_linear, rms_norm, trunc_normal_
 from trm_lightning.vocab import PAD, VOCAB_SIZE
@@ -276,6 +277,11 @@ class StandardDemoEncoder(Conditioner):
         crop_buckets: int = 16,
     ) -> None:
         super().__init__()
+        key = "model.conditioner."
+        check_at_least(key + "num_layers", num_layers, 0)
+        check_at_least(key + "set_layers", set_layers, 1)  # 0 would leave the context blind to the demos
+        check_at_least(key + "layer_scale_init", layer_scale_init, 0)
+        check_at_least(key + "crop_buckets", crop_buckets, 0)
         D = shape.hidden_size
         self.hidden_size = D
         self.grid_encoder = DemoGridEncoder(
