@@ -40,17 +40,19 @@ from torch import Tensor
 
 from callbacks.encoder_diagnostics import EncoderDiagnostics, due, tensorboard_writers
 from callbacks.last_checkpoint import LastCheckpoint, weights_are_finite
+from trm_lightning import metric_names as names
 from trm_lightning.errors import TRMError
+from trm_lightning.run_files import ALERTS_FILE, alert_checkpoint_name, checkpoint_dir
 from trm_lightning.trainer_state import is_logging_step
 
 Action = Literal["warn", "stop", "raise"]
 ACTIONS = ("warn", "stop", "raise")
 
-NORMALIZED_VAR = "diagnostics/encoder_normalized_var"
-CROSS_TASK_COSINE = "diagnostics/encoder_cross_task_cosine"
-DRIFT_COSINE = "diagnostics/probe_drift_cosine"
-DRIFT_REL_L2 = "diagnostics/probe_drift_rel_l2"
-Q_HALT_LOSS = "train/q_halt_loss"
+NORMALIZED_VAR = names.ENCODER_NORMALIZED_VAR
+CROSS_TASK_COSINE = names.ENCODER_CROSS_TASK_COSINE
+DRIFT_COSINE = names.PROBE_DRIFT_COSINE
+DRIFT_REL_L2 = names.PROBE_DRIFT_REL_L2
+Q_HALT_LOSS = names.TRAIN_Q_HALT_LOSS
 
 
 class CollapseAlertError(TRMError):
@@ -191,7 +193,7 @@ class AccuracyCollapseRule(Rule):
     name = "accuracy_collapse"
 
     def __init__(self, drop: float, min_peak: float, patience: int = 3, action: Action = "warn",
-                 key: str = "train/accuracy") -> None:
+                 key: str = names.TRAIN_ACCURACY) -> None:
         super().__init__(patience, action)
         if not 0.0 < drop < 1.0:
             raise ValueError(f"accuracy_drop must be in (0, 1), got {drop}")
@@ -307,7 +309,7 @@ class CollapseAlert(Callback):
         max_probe_drift_rel_l2: float | None = None,
         drift_patience: int = 2,
         drift_action: Action = "warn",
-        accuracy_key: str = "train/accuracy",
+        accuracy_key: str = names.TRAIN_ACCURACY,
         accuracy_drop: float | None = 0.5,
         accuracy_min_peak: float = 0.2,
         accuracy_patience: int = 3,
@@ -453,7 +455,7 @@ class CollapseAlert(Callback):
             return
         do_raise = trainer.strategy.reduce_boolean_decision(any(a.action == "raise" for a in fired), all=False)
         if weights_are_finite(pl_module):
-            trainer.save_checkpoint(os.path.join(self._log_dir, "checkpoints", f"alert-step{step}.ckpt"))
+            trainer.save_checkpoint(os.path.join(checkpoint_dir(self._log_dir), alert_checkpoint_name(step)))
         else:
             last = next((c for c in trainer.callbacks if isinstance(c, LastCheckpoint)), None)
             where = (f"{last.last_model_path} (step {last.last_finite_step}) is the last finite state"
@@ -474,7 +476,7 @@ class CollapseAlert(Callback):
             writer.add_text(f"alerts/{alert.rule}", alert.message, global_step=alert.step)
             writer.flush()
         os.makedirs(self._log_dir, exist_ok=True)
-        with open(os.path.join(self._log_dir, "alerts.jsonl"), "a") as f:
+        with open(os.path.join(self._log_dir, ALERTS_FILE), "a") as f:
             f.write(json.dumps(_jsonable(asdict(alert))) + "\n")
 
 

@@ -52,9 +52,9 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
+from trm_lightning import metric_names as names
 from trm_lightning.trainer_state import is_accumulating
 
-PREFIX = "diagnostics/"
 RANK_RTOL = 1e-6  # singular values below this x the largest row norm are float32 noise
 
 
@@ -92,7 +92,7 @@ def effective_rank(pooled: Tensor, rtol: float = RANK_RTOL) -> Tensor:
 def batch_statistics(pooled: Tensor, task_index: Tensor, moments: Tensor) -> dict[str, Tensor]:
     """Every batch diagnostic from the global pooled matrix (N, D), its task ids (N,) and the value moments.
 
-    Returns 0-d float64 tensors keyed by metric name (without the ``diagnostics/`` prefix).
+    Returns 0-d float64 tensors keyed by their logged names (:mod:`trm_lightning.metric_names`).
     """
     pooled = pooled.double()
     n_rows, dim = pooled.shape
@@ -107,19 +107,19 @@ def batch_statistics(pooled: Tensor, task_index: Tensor, moments: Tensor) -> dic
     unit_std = (unit - unit.mean(dim=0, keepdim=True)).square().mean(dim=0).sqrt()  # (D,) biased
 
     out = {
-        "encoder_cross_sample_var": per_dim_var.mean(),
-        "encoder_output_mean": mean,
-        "encoder_output_std": var_all.sqrt(),
-        "encoder_normalized_var": torch.where(  # 0 for an all-zero context; NaN stays NaN
+        names.ENCODER_CROSS_SAMPLE_VAR: per_dim_var.mean(),
+        names.ENCODER_OUTPUT_MEAN: mean,
+        names.ENCODER_OUTPUT_STD: var_all.sqrt(),
+        names.ENCODER_NORMALIZED_VAR: torch.where(  # 0 for an all-zero context; NaN stays NaN
             mean_sq_norm == 0, torch.zeros_like(mean_sq_norm), per_dim_var.sum() / mean_sq_norm
         ),
-        "encoder_l2n_std": unit_std.mean() * math.sqrt(dim),
-        "encoder_effective_rank": effective_rank(pooled),
+        names.ENCODER_L2N_STD: unit_std.mean() * math.sqrt(dim),
+        names.ENCODER_EFFECTIVE_RANK: effective_rank(pooled),
     }
     different = task_index.view(-1, 1) != task_index.view(1, -1)  # (N, N)
     if bool(different.any()):
         cosine = unit @ unit.T
-        out["encoder_cross_task_cosine"] = cosine[different].mean()
+        out[names.ENCODER_CROSS_TASK_COSINE] = cosine[different].mean()
     return out
 
 
@@ -130,11 +130,11 @@ def probe_statistics(view_a: Tensor, view_b: Tensor) -> dict[str, Tensor]:
     n = cosine.shape[0]
     same = cosine.diagonal()
     off = ~torch.eye(n, dtype=torch.bool, device=cosine.device)
-    out = {"probe_same_task_cosine": same.mean()}
+    out = {names.PROBE_SAME_TASK_COSINE: same.mean()}
     if n > 1:
         best_other = cosine.masked_fill(~off, -math.inf).max(dim=1).values
-        out["probe_diff_task_cosine"] = cosine[off].mean()
-        out["probe_retrieval_acc"] = (same > best_other).double().mean()
+        out[names.PROBE_DIFF_TASK_COSINE] = cosine[off].mean()
+        out[names.PROBE_RETRIEVAL_ACC] = (same > best_other).double().mean()
     return out
 
 
@@ -143,8 +143,8 @@ def drift_statistics(current: Tensor, previous: Tensor) -> dict[str, Tensor]:
     cur, prev = current.double().flatten(1), previous.double().flatten(1)
     cos = (_unit_rows(cur) * _unit_rows(prev)).sum(dim=-1)
     return {
-        "probe_drift_cosine": (1 - cos).mean(),
-        "probe_drift_rel_l2": (cur - prev).norm() / prev.norm().clamp_min(1e-300),
+        names.PROBE_DRIFT_COSINE: (1 - cos).mean(),
+        names.PROBE_DRIFT_REL_L2: (cur - prev).norm() / prev.norm().clamp_min(1e-300),
     }
 
 
@@ -248,12 +248,12 @@ class EncoderDiagnostics(Callback):
         if due(trainer, hist) and trainer.is_global_zero:  # no collective below
             values = outputs["context"].detach().float().flatten().cpu()
             for writer in tensorboard_writers(trainer):
-                writer.add_histogram(PREFIX + "encoder_context", values, global_step=step)
+                writer.add_histogram(names.ENCODER_CONTEXT_HISTOGRAM, values, global_step=step)
 
     @staticmethod
     def _log(pl_module: LightningModule, stats: dict[str, Tensor]) -> None:
         for name, value in stats.items():
-            pl_module.log(PREFIX + name, value.float(), on_step=True, on_epoch=False, batch_size=1)
+            pl_module.log(name, value.float(), on_step=True, on_epoch=False, batch_size=1)
 
     @staticmethod
     def _batch_check(trainer: Trainer, pl_module: LightningModule, context: Tensor, task_index: Tensor):

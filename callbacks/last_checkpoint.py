@@ -24,6 +24,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from trm_lightning.run_files import CHECKPOINT_SUFFIX, LAST_CHECKPOINT_STEM
+
 
 def weights_are_finite(module: LightningModule) -> bool:
     params = [p.detach() for p in module.parameters()]
@@ -37,6 +39,10 @@ class LastCheckpoint(ModelCheckpoint):
         every_n_train_steps: optimizer steps between two saves (0: only at the end, on a crash, on SIGTERM).
         dirpath: where ``last.ckpt`` goes; None = ``<run dir>/checkpoints`` as for ModelCheckpoint.
     """
+
+    # the name the resume instructions give (README, `make demo`), pinned here rather than left to Lightning
+    CHECKPOINT_NAME_LAST = LAST_CHECKPOINT_STEM
+    FILE_EXTENSION = CHECKPOINT_SUFFIX
 
     def __init__(self, every_n_train_steps: int = 500, dirpath: str | None = None) -> None:
         super().__init__(

@@ -32,7 +32,7 @@ from callbacks.run_status import RunStatus
 from trm_lightning.data.datamodule import ARCDataModule
 from trm_lightning.errors import ConfigError, TRMError
 from trm_lightning.module import ARCHITECTURE_KEYS, TRMLitModule, architecture_mismatch
-from trm_lightning.report.runs import EXPERIMENT_FILE
+from trm_lightning.run_files import EXPERIMENT_FILE
 
 DEFAULT_LOGGER = {
     "class_path": "lightning.pytorch.loggers.TensorBoardLogger",

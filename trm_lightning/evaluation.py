@@ -39,6 +39,7 @@ import numpy as np
 from trm_lightning.data.arc import MAX_GRID_SIDE, ArcTask
 from trm_lightning.data.augment import TRM_NUM_AUGMENTATIONS, Augmentation, augmentation_for, evaluation_augmentations
 from trm_lightning.data.tokenize import crop_canvas
+from trm_lightning.run_files import EVAL_DETAILS_FILE, SUBMISSION_FILE
 
 DEFAULT_K_VALUES = (1, 2, 5, 10)
 _STATE_VERSION = 1
@@ -418,7 +419,7 @@ class ARCVoteEvaluator:
             },
             "tasks": self.details(),
         }
-        paths = {"submission": directory / "submission.json", "details": directory / "eval_details.json"}
+        paths = {"submission": directory / SUBMISSION_FILE, "details": directory / EVAL_DETAILS_FILE}
         for name, payload in (("submission", submission), ("details", details)):
             tmp = paths[name].with_name(paths[name].name + ".tmp")
             tmp.write_text(json.dumps(payload, separators=(",", ":") if name == "submission" else None, indent=None))

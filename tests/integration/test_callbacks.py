@@ -16,9 +16,11 @@ from tests.integration.helpers import build_tiny
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 NO_VAL = ("--trainer.limit_val_batches=0",)
-SCALE_INVARIANT = ["encoder_normalized_var", "encoder_l2n_std", "encoder_cross_task_cosine", "encoder_effective_rank",
-                   "probe_same_task_cosine", "probe_diff_task_cosine", "probe_retrieval_acc"]
-RAW = ["encoder_cross_sample_var", "encoder_output_mean", "encoder_output_std"]
+SCALE_INVARIANT = ["diagnostics/encoder_normalized_var", "diagnostics/encoder_l2n_std",
+                   "diagnostics/encoder_cross_task_cosine", "diagnostics/encoder_effective_rank",
+                   "diagnostics/probe_same_task_cosine", "diagnostics/probe_diff_task_cosine",
+                   "diagnostics/probe_retrieval_acc"]
+RAW = ["diagnostics/encoder_cross_sample_var", "diagnostics/encoder_output_mean", "diagnostics/encoder_output_std"]
 
 
 def _fit(dirs, tmp_path, callbacks, *args, encode=None, max_steps=4):
@@ -91,7 +93,7 @@ def test_random_encoder_logs_every_metric_and_fires_nothing(dirs, tmp_path):
     for i, (context, tasks) in enumerate(spy.seen):
         expected = encoder_statistics(context, tasks)
         for key, value in expected.items():
-            written = dict(tb[f"diagnostics/{key}"])[i]
+            written = dict(tb[key])[i]
             assert written == pytest.approx(value.item(), rel=1e-5, abs=1e-6), (i, key)
     probe = dict(tb["diagnostics/probe_retrieval_acc"])
     assert sorted(probe) == [1, 3]  # probe at steps 2 and 4 (TensorBoard step = optimizer step - 1)
@@ -115,13 +117,14 @@ def test_encoder_output_x100_changes_only_the_raw_metrics(dirs, tmp_path):
         cli = _fit(dirs, tmp_path / str(scale), [EncoderDiagnostics(every_n_steps=1, probe_tasks=6)], *NO_VAL,
                    encode=lambda c, trainer, s=scale: c * s, max_steps=1)
         tb = _scalars(cli.trainer.log_dir)
-        logs[scale] = {k.split("/")[1]: v[0][1] for k, v in tb.items() if k.startswith("diagnostics/")}
+        logs[scale] = {k: v[0][1] for k, v in tb.items() if k.startswith("diagnostics/")}
     plain, scaled = logs[1.0], logs[100.0]
     for key in SCALE_INVARIANT:
         assert scaled[key] == pytest.approx(plain[key], rel=1e-4, abs=1e-6), key
-    assert scaled["encoder_cross_sample_var"] == pytest.approx(plain["encoder_cross_sample_var"] * 1e4, rel=1e-3)
-    assert scaled["encoder_output_std"] == pytest.approx(plain["encoder_output_std"] * 100, rel=1e-3)
-    assert scaled["encoder_output_mean"] == pytest.approx(plain["encoder_output_mean"] * 100, rel=1e-3)
+    var, std, mean = RAW
+    assert scaled[var] == pytest.approx(plain[var] * 1e4, rel=1e-3)
+    assert scaled[std] == pytest.approx(plain[std] * 100, rel=1e-3)
+    assert scaled[mean] == pytest.approx(plain[mean] * 100, rel=1e-3)
 
 
 # ------------------------------------------------------------------------------ alerts

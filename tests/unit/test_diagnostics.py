@@ -26,9 +26,11 @@ from callbacks.encoder_diagnostics import (
     value_moments,
 )
 from callbacks.grad_norms import clip_ratio, total_norm
+from trm_lightning import metric_names as names
 
-SCALE_INVARIANT = ["encoder_normalized_var", "encoder_l2n_std", "encoder_cross_task_cosine", "encoder_effective_rank"]
-RAW = ["encoder_cross_sample_var", "encoder_output_mean", "encoder_output_std"]
+SCALE_INVARIANT = [names.ENCODER_NORMALIZED_VAR, names.ENCODER_L2N_STD, names.ENCODER_CROSS_TASK_COSINE,
+                   names.ENCODER_EFFECTIVE_RANK]
+RAW = [names.ENCODER_CROSS_SAMPLE_VAR, names.ENCODER_OUTPUT_MEAN, names.ENCODER_OUTPUT_STD]
 
 
 def _context(B=48, P=4, D=32, seed=0, offset=0.0):
@@ -45,9 +47,10 @@ def test_raw_statistics_match_their_definitions():
     ctx = _context(offset=0.3)
     s = encoder_statistics(ctx, _tasks())
     pooled = ctx.double().mean(1)
-    assert s["encoder_cross_sample_var"].item() == pytest.approx(pooled.var(0, unbiased=False).mean().item(), rel=1e-9)
-    assert s["encoder_output_mean"].item() == pytest.approx(ctx.double().mean().item(), rel=1e-9)
-    assert s["encoder_output_std"].item() == pytest.approx(ctx.double().std().item(), rel=1e-9)
+    expected_var = pooled.var(0, unbiased=False).mean().item()
+    assert s[names.ENCODER_CROSS_SAMPLE_VAR].item() == pytest.approx(expected_var, rel=1e-9)
+    assert s[names.ENCODER_OUTPUT_MEAN].item() == pytest.approx(ctx.double().mean().item(), rel=1e-9)
+    assert s[names.ENCODER_OUTPUT_STD].item() == pytest.approx(ctx.double().std().item(), rel=1e-9)
 
 
 def test_scale_invariant_statistics_match_their_definitions():
@@ -57,21 +60,21 @@ def test_scale_invariant_statistics_match_their_definitions():
     p = ctx.double().mean(1)
     D = p.shape[1]
     nv = p.var(0, unbiased=False).sum() / p.square().sum(1).mean()
-    assert s["encoder_normalized_var"].item() == pytest.approx(nv.item(), rel=1e-9)
+    assert s[names.ENCODER_NORMALIZED_VAR].item() == pytest.approx(nv.item(), rel=1e-9)
     u = p / p.norm(dim=1, keepdim=True)
     l2n_std = u.std(0, unbiased=False).mean() * math.sqrt(D)
-    assert s["encoder_l2n_std"].item() == pytest.approx(l2n_std.item(), rel=1e-9)
+    assert s[names.ENCODER_L2N_STD].item() == pytest.approx(l2n_std.item(), rel=1e-9)
     cos = u @ u.T
     pairs = [(i, j) for i in range(len(tasks)) for j in range(len(tasks)) if tasks[i] != tasks[j]]
     expected = sum(cos[i, j].item() for i, j in pairs) / len(pairs)
-    assert s["encoder_cross_task_cosine"].item() == pytest.approx(expected, rel=1e-9)
+    assert s[names.ENCODER_CROSS_TASK_COSINE].item() == pytest.approx(expected, rel=1e-9)
 
 
 def test_normalized_var_is_the_varying_fraction_of_the_energy():
     ctx = _context(B=400, offset=0.0)
-    assert encoder_statistics(ctx, _tasks(400)).get("encoder_normalized_var").item() == pytest.approx(1.0, abs=0.02)
+    assert encoder_statistics(ctx, _tasks(400)).get(names.ENCODER_NORMALIZED_VAR).item() == pytest.approx(1.0, abs=0.02)
     # a common offset of 3 per dim: energy 9 + 1/P per dim, of which 1/P varies (P=4) -> 0.25/9.25
-    shifted = encoder_statistics(_context(B=400, offset=3.0), _tasks(400))["encoder_normalized_var"].item()
+    shifted = encoder_statistics(_context(B=400, offset=3.0), _tasks(400))[names.ENCODER_NORMALIZED_VAR].item()
     assert shifted == pytest.approx(0.25 / 9.25, rel=0.1)
 
 
@@ -97,30 +100,31 @@ def test_collapsed_and_random_contexts_sit_at_the_ends():
     ctx = _context()
     constant = _context(B=1).expand_as(ctx) + 0 * ctx
     c = encoder_statistics(constant, _tasks())
-    assert c["encoder_normalized_var"].item() == pytest.approx(0.0, abs=1e-12)
-    assert c["encoder_l2n_std"].item() == pytest.approx(0.0, abs=1e-6)
-    assert c["encoder_cross_task_cosine"].item() == pytest.approx(1.0, abs=1e-9)
-    assert c["encoder_effective_rank"].item() == 0.0
+    assert c[names.ENCODER_NORMALIZED_VAR].item() == pytest.approx(0.0, abs=1e-12)
+    assert c[names.ENCODER_L2N_STD].item() == pytest.approx(0.0, abs=1e-6)
+    assert c[names.ENCODER_CROSS_TASK_COSINE].item() == pytest.approx(1.0, abs=1e-9)
+    assert c[names.ENCODER_EFFECTIVE_RANK].item() == 0.0
     r = encoder_statistics(_context(B=256), _tasks(256, 64))
-    assert r["encoder_normalized_var"].item() > 0.9
-    assert 0.9 < r["encoder_l2n_std"].item() < 1.1
-    assert abs(r["encoder_cross_task_cosine"].item()) < 0.05
-    assert r["encoder_effective_rank"].item() > 20
+    assert r[names.ENCODER_NORMALIZED_VAR].item() > 0.9
+    assert 0.9 < r[names.ENCODER_L2N_STD].item() < 1.1
+    assert abs(r[names.ENCODER_CROSS_TASK_COSINE].item()) < 0.05
+    assert r[names.ENCODER_EFFECTIVE_RANK].item() > 20
 
 
 def test_non_finite_context_gives_nan_not_an_error():
     ctx = _context()
     ctx[3, 0, 0] = float("nan")
     stats = encoder_statistics(ctx, _tasks())  # the SVD would raise on NaN
-    assert math.isnan(stats["encoder_effective_rank"].item()) and math.isnan(stats["encoder_normalized_var"].item())
+    assert math.isnan(stats[names.ENCODER_EFFECTIVE_RANK].item())
+    assert math.isnan(stats[names.ENCODER_NORMALIZED_VAR].item())
 
 
 def test_cross_task_cosine_ignores_pairs_of_the_same_task():
     rows = torch.eye(4, 8).repeat_interleave(3, dim=0)  # 4 tasks, 3 identical rows each, orthogonal tasks
     ctx = rows.unsqueeze(1)
     tasks = torch.arange(4).repeat_interleave(3)
-    assert encoder_statistics(ctx, tasks)["encoder_cross_task_cosine"].item() == pytest.approx(0.0, abs=1e-12)
-    assert "encoder_cross_task_cosine" not in encoder_statistics(ctx, torch.zeros(12, dtype=torch.long))
+    assert encoder_statistics(ctx, tasks)[names.ENCODER_CROSS_TASK_COSINE].item() == pytest.approx(0.0, abs=1e-12)
+    assert names.ENCODER_CROSS_TASK_COSINE not in encoder_statistics(ctx, torch.zeros(12, dtype=torch.long))
 
 
 def test_statistics_of_gathered_shards_equal_the_whole_batch():
@@ -138,23 +142,23 @@ def test_statistics_of_gathered_shards_equal_the_whole_batch():
 def test_probe_statistics():
     a = _context(B=8, seed=3)
     same = probe_statistics(a, a * 5)
-    assert same["probe_same_task_cosine"].item() == pytest.approx(1.0)
-    assert same["probe_retrieval_acc"].item() == 1.0
-    assert same["probe_diff_task_cosine"].item() < 0.5
+    assert same[names.PROBE_SAME_TASK_COSINE].item() == pytest.approx(1.0)
+    assert same[names.PROBE_RETRIEVAL_ACC].item() == 1.0
+    assert same[names.PROBE_DIFF_TASK_COSINE].item() < 0.5
     collapsed = probe_statistics(torch.ones(8, 16), torch.ones(8, 16))
-    assert collapsed["probe_retrieval_acc"].item() == 0.0  # ties are misses, not lucky hits
-    assert collapsed["probe_diff_task_cosine"].item() == pytest.approx(1.0)
+    assert collapsed[names.PROBE_RETRIEVAL_ACC].item() == 0.0  # ties are misses, not lucky hits
+    assert collapsed[names.PROBE_DIFF_TASK_COSINE].item() == pytest.approx(1.0)
     swapped = probe_statistics(a, a.roll(1, dims=0))  # B finds the wrong task everywhere
-    assert swapped["probe_retrieval_acc"].item() == 0.0
+    assert swapped[names.PROBE_RETRIEVAL_ACC].item() == 0.0
 
 
 def test_drift_statistics():
     a = _context(B=8, seed=4)
-    assert drift_statistics(a, a)["probe_drift_cosine"].item() == pytest.approx(0.0, abs=1e-12)
+    assert drift_statistics(a, a)[names.PROBE_DRIFT_COSINE].item() == pytest.approx(0.0, abs=1e-12)
     doubled = drift_statistics(2 * a, a)
-    assert doubled["probe_drift_cosine"].item() == pytest.approx(0.0, abs=1e-12)
-    assert doubled["probe_drift_rel_l2"].item() == pytest.approx(1.0)
-    assert drift_statistics(-a, a)["probe_drift_cosine"].item() == pytest.approx(2.0)
+    assert doubled[names.PROBE_DRIFT_COSINE].item() == pytest.approx(0.0, abs=1e-12)
+    assert doubled[names.PROBE_DRIFT_REL_L2].item() == pytest.approx(1.0)
+    assert drift_statistics(-a, a)[names.PROBE_DRIFT_COSINE].item() == pytest.approx(2.0)
 
 
 # ------------------------------------------------------------------------------------- rules
