@@ -47,13 +47,12 @@ from __future__ import annotations
 import math
 
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
+from callbacks.helpers import MetricProducer, due, tensorboard_writers
 from trm_lightning import metric_names as names
-from trm_lightning.trainer_state import is_accumulating
 
 RANK_RTOL = 1e-6  # singular values below this x the largest row norm are float32 noise
 
@@ -154,29 +153,14 @@ def encoder_statistics(context: Tensor, task_index: Tensor) -> dict[str, Tensor]
 
 
 # ----------------------------------------------------------------------------------------- callback
-def due(trainer: Trainer, every_n_steps: int) -> bool:
-    """True in ``on_train_batch_end`` after optimizer step k when k is a multiple of ``every_n_steps``.
-
-    k is ``trainer.global_step`` (already incremented there); with gradient accumulation only the
-    micro-batch that steps counts. With ``every_n_steps`` a multiple of ``trainer.log_every_n_steps``
-    every check lands on a step the logger writes.
-    """
-    if every_n_steps <= 0 or is_accumulating(trainer):
-        return False
-    return trainer.global_step > 0 and trainer.global_step % every_n_steps == 0
-
-
-def tensorboard_writers(trainer: Trainer) -> list:
-    """The SummaryWriters of the trainer's TensorBoard loggers (call on rank 0 only)."""
-    return [lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
-
-
-class EncoderDiagnostics(Callback):
+class EncoderDiagnostics(MetricProducer):
     """Logs ``diagnostics/*`` statistics of the encoder context every ``every_n_steps`` optimizer steps.
 
     Every rank computes the same numbers from the global batch (the pooled context and the value
     moments are all-gathered), and logs them with ``on_step=True``. Definitions: see the module docstring
     and ``docs/diagnostics.md``. The training step must return ``context`` (B, P, D) and ``task_index`` (B,).
+    A :class:`~callbacks.helpers.MetricProducer`: :class:`~callbacks.CollapseAlert` reads this step's values
+    wherever it stands in ``trainer.callbacks``.
 
     Args:
         every_n_steps: optimizer steps between batch statistics; None uses ``trainer.log_every_n_steps``.
@@ -188,6 +172,8 @@ class EncoderDiagnostics(Callback):
             interval (or ``every_n_steps`` when the probe is off); 0 turns them off.
     """
 
+    publishes = names.SCALAR_DIAGNOSTICS
+
     def __init__(
         self,
         every_n_steps: int | None = None,
@@ -195,6 +181,7 @@ class EncoderDiagnostics(Callback):
         probe_tasks: int = 16,
         histogram_every_n_steps: int | None = None,
     ) -> None:
+        super().__init__()
         for name, value in [("every_n_steps", every_n_steps), ("probe_every_n_steps", probe_every_n_steps),
                             ("histogram_every_n_steps", histogram_every_n_steps)]:
             if value is not None and value < 0:
@@ -207,9 +194,6 @@ class EncoderDiagnostics(Callback):
         self.histogram_every_n_steps = histogram_every_n_steps
         self._probe_batch: dict[str, Tensor] | None = None
         self._previous_probe: Tensor | None = None
-        # step of the latest check of each kind (CollapseAlert reads each result once)
-        self.last_step = -1
-        self.last_probe_step = -1
 
     # ---------------------------------------------------------------------------------- intervals
     def _intervals(self, trainer: Trainer) -> tuple[int, int, int]:
@@ -221,6 +205,7 @@ class EncoderDiagnostics(Callback):
         return every, probe, hist
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
         self._probe_batch = None
         self._previous_probe = None
         _, probe, _ = self._intervals(trainer)
@@ -231,29 +216,29 @@ class EncoderDiagnostics(Callback):
             else:
                 self._probe_batch = datamodule.probe_batch(self.probe_tasks, views=2)
 
-    # ---------------------------------------------------------------------------------- hooks
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
+    # ---------------------------------------------------------------------------------- the step's work
+    def _produce(self, trainer: Trainer, pl_module: LightningModule, outputs) -> bool:
+        """Batch statistics, probe check and histogram, each when due (called by ``on_train_batch_end`` or a
+        consumer, once per step)."""
         every, probe, hist = self._intervals(trainer)
         if not isinstance(outputs, dict) or "context" not in outputs:
-            return
+            return False
         step = trainer.global_step
+        did = False
         if due(trainer, every):
-            stats = self._batch_check(trainer, pl_module, outputs["context"], outputs["task_index"])
-            self._log(pl_module, stats)
-            self.last_step = step
+            self.publish(pl_module, step, self._batch_check(trainer, pl_module, outputs["context"],
+                                                            outputs["task_index"]))
+            did = True
         if self._probe_batch is not None and due(trainer, probe):
-            stats = self._probe_check(trainer, pl_module)
-            self._log(pl_module, stats)
-            self.last_probe_step = step
-        if due(trainer, hist) and trainer.is_global_zero:  # no collective below
-            values = outputs["context"].detach().float().flatten().cpu()
-            for writer in tensorboard_writers(trainer):
-                writer.add_histogram(names.ENCODER_CONTEXT_HISTOGRAM, values, global_step=step)
-
-    @staticmethod
-    def _log(pl_module: LightningModule, stats: dict[str, Tensor]) -> None:
-        for name, value in stats.items():
-            pl_module.log(name, value.float(), on_step=True, on_epoch=False, batch_size=1)
+            self.publish(pl_module, step, self._probe_check(trainer, pl_module))
+            did = True
+        if due(trainer, hist):
+            did = True
+            if trainer.is_global_zero:  # no collective below
+                values = outputs["context"].detach().float().flatten().cpu()
+                for writer in tensorboard_writers(trainer):
+                    writer.add_histogram(names.ENCODER_CONTEXT_HISTOGRAM, values, global_step=step)
+        return did
 
     @staticmethod
     def _batch_check(trainer: Trainer, pl_module: LightningModule, context: Tensor, task_index: Tensor):

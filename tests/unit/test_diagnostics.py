@@ -7,12 +7,13 @@ import math
 import pytest
 import torch
 
-from callbacks.collapse_alert import (
-    AccuracyCollapseRule,
-    DriftRule,
-    NonFiniteRule,
-    RepresentationCollapseRule,
-    RisingRule,
+from callbacks.alert_rules import (
+    AccuracyCollapse,
+    NonFinite,
+    ProbeDrift,
+    QHaltRising,
+    RepresentationCollapse,
+    default_rules,
 )
 from callbacks.context_reliance import derangement
 from trm_lightning.losses import row_accuracy
@@ -171,22 +172,22 @@ def test_accuracy_collapse_fires_within_patience_after_the_fall():
     series = [0.1, 0.3, 0.5, 0.7, 0.7, 0.05, 0.05, 0.05, 0.05, 0.05]
     fall = series.index(0.05)
     for patience in (1, 2, 3):
-        rule = AccuracyCollapseRule(drop=0.5, min_peak=0.2, patience=patience)
+        rule = AccuracyCollapse(drop=0.5, min_peak=0.2, patience=patience)
         fired = _feed(rule, "train/accuracy", series)
         assert fired == [fall + patience - 1], (patience, fired)  # once, not at every later check
-    alert = AccuracyCollapseRule(0.5, 0.2, 1).update({"train/accuracy": 0.7}, 1)
+    alert = AccuracyCollapse(0.5, 0.2, 1).update({"train/accuracy": 0.7}, 1)
     assert alert is None
 
 
 def test_accuracy_that_holds_does_not_fire():
-    rule = AccuracyCollapseRule(drop=0.5, min_peak=0.2, patience=2)
+    rule = AccuracyCollapse(drop=0.5, min_peak=0.2, patience=2)
     assert _feed(rule, "train/accuracy", [0.1, 0.3, 0.5, 0.7, 0.7, 0.68, 0.69, 0.68, 0.68]) == []
-    low = AccuracyCollapseRule(drop=0.5, min_peak=0.2, patience=1)
+    low = AccuracyCollapse(drop=0.5, min_peak=0.2, patience=1)
     assert _feed(low, "train/accuracy", [0.1, 0.15, 0.01, 0.0]) == []  # the peak never passed min_peak
 
 
 def test_accuracy_alert_record():
-    rule = AccuracyCollapseRule(drop=0.5, min_peak=0.2, patience=1)
+    rule = AccuracyCollapse(drop=0.5, min_peak=0.2, patience=1)
     rule.update({"train/accuracy": 0.7}, 10)
     alert = rule.update({"train/accuracy": 0.05, "other": 1.0}, 20)
     assert alert.rule == "accuracy_collapse" and alert.step == 20 and alert.action == "warn"
@@ -196,15 +197,15 @@ def test_accuracy_alert_record():
 
 
 def test_rising_rule_needs_patience_consecutive_rises():
-    rule = RisingRule(patience=3)
+    rule = QHaltRising(patience=3)
     assert _feed(rule, "train/q_halt_loss", [0.05, 0.06, 0.07, 0.065, 0.07, 0.08, 0.09, 0.1]) == [6]
-    strict = RisingRule(patience=2, min_rise=0.5)
+    strict = QHaltRising(patience=2, min_rise=0.5)
     assert _feed(strict, "train/q_halt_loss", [1.0, 1.1, 1.2, 1.3]) == []
-    assert _feed(RisingRule(patience=2, min_rise=0.5), "train/q_halt_loss", [2.0, 3.1, 4.7]) == [2]
+    assert _feed(QHaltRising(patience=2, min_rise=0.5), "train/q_halt_loss", [2.0, 3.1, 4.7]) == [2]
 
 
 def test_representation_rule_streaks_and_rearms():
-    rule = RepresentationCollapseRule(min_normalized_var=0.01, max_cross_task_cosine=0.99, patience=2)
+    rule = RepresentationCollapse(min_normalized_var=0.01, max_cross_task_cosine=0.99, patience=2)
     nv, cos = "diagnostics/encoder_normalized_var", "diagnostics/encoder_cross_task_cosine"
     checks = [
         {nv: 0.5, cos: 0.5},
@@ -221,10 +222,10 @@ def test_representation_rule_streaks_and_rearms():
 
 
 def test_drift_and_nonfinite_rules():
-    drift = DriftRule(max_drift_cosine=0.1, max_drift_rel_l2=None, patience=2)
+    drift = ProbeDrift(max_probe_drift_cosine=0.1, max_probe_drift_rel_l2=None, patience=2)
     key = "diagnostics/probe_drift_cosine"
     assert _feed(drift, key, [0.01, 0.2, 0.05, 0.2, 0.3]) == [4]
-    nonfinite = NonFiniteRule("raise")
+    nonfinite = NonFinite("raise")
     assert nonfinite.update({"nonfinite_loss_ranks": 0.0, "nonfinite_grad_ranks": 0.0}) is None
     alert = nonfinite.update({"nonfinite_loss_ranks": 1.0, "nonfinite_grad_ranks": 0.0}, 7)
     assert alert.action == "raise" and alert.step == 7 and "1 rank(s)" in alert.message
@@ -232,11 +233,36 @@ def test_drift_and_nonfinite_rules():
 
 def test_rule_arguments_are_checked():
     with pytest.raises(ValueError):
-        AccuracyCollapseRule(drop=1.5, min_peak=0.2)
+        AccuracyCollapse(drop=1.5, min_peak=0.2)
     with pytest.raises(ValueError):
-        RisingRule(patience=0)
+        QHaltRising(patience=0)
     with pytest.raises(ValueError):
-        NonFiniteRule("explode")
+        NonFinite("explode")
+    with pytest.raises(ValueError, match="leave the rule out"):
+        RepresentationCollapse(min_normalized_var=None, max_cross_task_cosine=None)
+    with pytest.raises(ValueError, match="leave the rule out"):
+        ProbeDrift(max_probe_drift_cosine=None, max_probe_drift_rel_l2=None)
+
+
+def test_default_rules_keep_the_documented_thresholds():
+    """CollapseAlert() without rules checks these, as it did when the thresholds were its own arguments."""
+    rules = default_rules()
+    assert [(type(r), r.name, r.patience, r.action) for r in rules] == [
+        (NonFinite, "nonfinite", 1, "stop"),
+        (RepresentationCollapse, "representation_collapse", 3, "warn"),
+        (ProbeDrift, "drift", 2, "warn"),
+        (AccuracyCollapse, "accuracy_collapse", 3, "warn"),
+        (QHaltRising, "q_halt_rising", 8, "warn"),
+    ]
+    nonfinite, collapse, drift, accuracy, q_halt = rules
+    assert nonfinite.check_gradients and nonfinite.checked_during_warmup
+    assert not any(r.checked_during_warmup for r in rules[1:])
+    assert collapse.thresholds() == {"min_normalized_var": 0.01, "max_cross_task_cosine": 0.99}
+    assert drift.thresholds() == {"max_probe_drift_cosine": 0.3, "max_probe_drift_rel_l2": None}
+    assert (accuracy.drop, accuracy.min_peak, accuracy.keys) == (0.5, 0.2, ("train/accuracy",))
+    assert (q_halt.min_rise, q_halt.keys) == (0.0, ("train/q_halt_loss",))
+    assert collapse.keys == ("diagnostics/encoder_normalized_var", "diagnostics/encoder_cross_task_cosine")
+    assert drift.keys == ("diagnostics/probe_drift_cosine", "diagnostics/probe_drift_rel_l2")
 
 
 # ------------------------------------------------------------------------------------- reliance, grads
@@ -284,3 +310,17 @@ def test_probe_batch_is_fixed_aligned_and_unseen_in_training(synthetic_task_dir,
     again = dm.probe_batch(5, views=2)
     assert all(torch.equal(batch[k], again[k]) for k in batch)
     assert dm.probe_batch(50)["inputs"].shape[0] == 2 * len(dm.train_tasks)
+
+
+def test_the_arc_recipe_spells_out_the_default_rules():
+    from pathlib import Path
+
+    import yaml
+
+    import callbacks.alert_rules as alert_rules
+
+    config = yaml.safe_load((Path(__file__).resolve().parents[2] / "configs/arc1/encoder_trm.yaml").read_text())
+    (alert,) = [c for c in config["trainer"]["callbacks"] if c["class_path"] == "callbacks.CollapseAlert"]
+    spelled = [getattr(alert_rules, r["class_path"])(**r.get("init_args", {})) for r in alert["init_args"]["rules"]]
+    assert [(type(r), r.thresholds(), r.patience, r.action, r.keys) for r in spelled] == [
+        (type(r), r.thresholds(), r.patience, r.action, r.keys) for r in default_rules()]

@@ -6,12 +6,12 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from callbacks.alert_rules import STOPPING_ACTIONS
 from trm_lightning import metric_names as names
 from trm_lightning.report.config_diff import Change, config_diff
 from trm_lightning.report.runs import Run, Series
 from trm_lightning.run_files import CHECKPOINT_DIR
 
-STOP_ACTIONS = ("stop", "raise")
 #: the diagnostics in the table: the seed's three, the scale-invariant batch statistics, the probe set
 DIAGNOSTICS = names.BATCH_DIAGNOSTICS + names.PROBE_DIAGNOSTICS
 
@@ -71,7 +71,7 @@ def run_status(run: Run, now: float, stale_after_s: float) -> tuple[str, str]:
     """(status, detail) from ``status.json``, ``alerts.jsonl`` and how recently the run wrote anything."""
     record = run.status.get(primary_stage(run) or "", None)
     state = record.get("status") if record else None
-    stop = next((a for a in sorted(run.alerts, key=lambda a: a["step"]) if a.get("action") in STOP_ACTIONS), None)
+    stop = next((a for a in sorted(run.alerts, key=lambda a: a["step"]) if a.get("action") in STOPPING_ACTIONS), None)
     idle = now - run.last_write
     if state in (None, "running"):
         if idle <= stale_after_s:
