@@ -12,7 +12,8 @@ Every alert is ``rank_zero_warn``-ed, written to TensorBoard as text under ``ale
 ``patience``, ``message``). ``stop`` and ``raise`` are agreed on every rank with
 ``trainer.strategy.reduce_boolean_decision`` (so one rank's NaN stops all of them), then every rank saves
 ``<log_dir>/checkpoints/alert-step<N>.ckpt``; ``stop`` sets ``trainer.should_stop``, ``raise`` raises
-:class:`CollapseAlertError` (``trm`` prints it as one line).
+:class:`CollapseAlertError` (``trm`` prints it as one line). Under ``fast_dev_run`` (no run directory) alerts are
+only warned: nothing is written.
 """
 
 from __future__ import annotations
@@ -109,7 +110,7 @@ class CollapseAlert(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         # trainer.log_dir broadcasts under DDP: read it here, on every rank, never under is_global_zero
         log_dir = trainer.log_dir
-        self._log_dir = log_dir or trainer.default_root_dir
+        self._log_dir = None if trainer.fast_dev_run else (log_dir or trainer.default_root_dir)
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._producers = [cb for cb in trainer.callbacks if isinstance(cb, MetricProducer)]
@@ -210,7 +211,9 @@ class CollapseAlert(Callback):
         if not stop:
             return
         do_raise = trainer.strategy.reduce_boolean_decision(any(a.action == "raise" for a in fired), all=False)
-        if weights_are_finite(pl_module):
+        if self._log_dir is None:
+            rank_zero_warn(f"CollapseAlert: stopping at step {step} under fast_dev_run: no alert checkpoint")
+        elif weights_are_finite(pl_module):
             trainer.save_checkpoint(os.path.join(checkpoint_dir(self._log_dir), alert_checkpoint_name(step)))
         else:
             last = next((c for c in trainer.callbacks if isinstance(c, LastCheckpoint)), None)
@@ -231,6 +234,8 @@ class CollapseAlert(Callback):
         for writer in tensorboard_writers(trainer):
             writer.add_text(f"alerts/{alert.rule}", alert.message, global_step=alert.step)
             writer.flush()
+        if self._log_dir is None:  # fast_dev_run: no run directory to write into
+            return
         os.makedirs(self._log_dir, exist_ok=True)
         with open(os.path.join(self._log_dir, ALERTS_FILE), "a") as f:
             f.write(json.dumps(_jsonable(asdict(alert))) + "\n")
