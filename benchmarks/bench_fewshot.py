@@ -51,6 +51,7 @@ if str(ROOT) not in sys.path:  # run as `python benchmarks/bench_fewshot.py` fro
 
 from callbacks.context_reliance import derangement  # noqa: E402
 from trm_lightning.losses import row_accuracy  # noqa: E402
+from trm_lightning.run_files import LAST_CHECKPOINT, checkpoint_dir  # noqa: E402
 from trm_lightning.data.datamodule import ARCDataModule  # noqa: E402
 from trm_lightning.data.fewshot_rules import FEWSHOT_FAMILIES, make_fewshot_split, rule_of, split_rules  # noqa: E402
 from trm_lightning.data.task_json import write_task_dir  # noqa: E402
@@ -143,7 +144,7 @@ def run_fits(args: argparse.Namespace, data: Path) -> dict[str, tuple[Path, floa
 def load_run(run_dir: Path) -> tuple[TRMLitModule, ARCDataModule]:
     """The trained module (``checkpoints/last.ckpt``) and its datamodule, rebuilt from the checkpoint's
     hyperparameters and set up (the same tasks in the same order as in training)."""
-    path = run_dir / "checkpoints" / "last.ckpt"
+    path = Path(checkpoint_dir(run_dir)) / LAST_CHECKPOINT
     model = TRMLitModule.load_from_checkpoint(path, map_location="cpu")
     dm = ARCDataModule.load_from_checkpoint(path)
     dm.setup()

@@ -1,5 +1,13 @@
 """Lightning callbacks of ``trm`` (a top-level package so configs can say ``callbacks.RunSummary``)."""
 
+from callbacks.alert_rules import (
+    AccuracyCollapse,
+    AlertRule,
+    NonFinite,
+    ProbeDrift,
+    QHaltRising,
+    RepresentationCollapse,
+)
 from callbacks.collapse_alert import CollapseAlert, CollapseAlertError
 from callbacks.context_reliance import ContextReliance
 from callbacks.encoder_diagnostics import EncoderDiagnostics
@@ -9,5 +17,6 @@ from callbacks.last_checkpoint import LastCheckpoint
 from callbacks.run_status import RunStatus
 from callbacks.run_summary import RunSummary
 
-__all__ = ["CollapseAlert", "CollapseAlertError", "ContextReliance", "EncoderDiagnostics", "GradNorms", "GridImages",
-           "LastCheckpoint", "RunStatus", "RunSummary"]
+__all__ = ["AccuracyCollapse", "AlertRule", "CollapseAlert", "CollapseAlertError", "ContextReliance",
+           "EncoderDiagnostics", "GradNorms", "GridImages", "LastCheckpoint", "NonFinite", "ProbeDrift", "QHaltRising",
+           "RepresentationCollapse", "RunStatus", "RunSummary"]

@@ -28,6 +28,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
 
 from trm_lightning.losses import row_accuracy
+from trm_lightning.metric_names import VAL, split_metric
 
 # positions in the per-epoch sums
 ROWS, EXACT, CELL, ZERO_EXACT, ZERO_CELL, SHUF_ROWS, SHUF_REAL_EXACT, SHUF_REAL_CELL, SHUF_EXACT, SHUF_CELL = range(10)
@@ -112,15 +113,15 @@ class ContextReliance(Callback):
         values: dict[str, Tensor] = {}
         rows = sums[ROWS]
         if rows > 0:
-            values["val/exact_accuracy_zero_context"] = sums[ZERO_EXACT] / rows
-            values["val/accuracy_zero_context"] = sums[ZERO_CELL] / rows
-            values["val/reliance_drop_zero"] = (sums[EXACT] - sums[ZERO_EXACT]) / rows
-            values["val/reliance_drop_zero_cell"] = (sums[CELL] - sums[ZERO_CELL]) / rows
+            values[split_metric(VAL, "exact_accuracy_zero_context")] = sums[ZERO_EXACT] / rows
+            values[split_metric(VAL, "accuracy_zero_context")] = sums[ZERO_CELL] / rows
+            values[split_metric(VAL, "reliance_drop_zero")] = (sums[EXACT] - sums[ZERO_EXACT]) / rows
+            values[split_metric(VAL, "reliance_drop_zero_cell")] = (sums[CELL] - sums[ZERO_CELL]) / rows
         shuf_rows = sums[SHUF_ROWS]
         if shuf_rows > 0:
-            values["val/exact_accuracy_shuffled_context"] = sums[SHUF_EXACT] / shuf_rows
-            values["val/accuracy_shuffled_context"] = sums[SHUF_CELL] / shuf_rows
-            values["val/reliance_drop_shuffled"] = (sums[SHUF_REAL_EXACT] - sums[SHUF_EXACT]) / shuf_rows
-            values["val/reliance_drop_shuffled_cell"] = (sums[SHUF_REAL_CELL] - sums[SHUF_CELL]) / shuf_rows
+            values[split_metric(VAL, "exact_accuracy_shuffled_context")] = sums[SHUF_EXACT] / shuf_rows
+            values[split_metric(VAL, "accuracy_shuffled_context")] = sums[SHUF_CELL] / shuf_rows
+            values[split_metric(VAL, "reliance_drop_shuffled")] = (sums[SHUF_REAL_EXACT] - sums[SHUF_EXACT]) / shuf_rows
+            values[split_metric(VAL, "reliance_drop_shuffled_cell")] = (sums[SHUF_REAL_CELL] - sums[SHUF_CELL]) / shuf_rows
         for name, value in values.items():
             pl_module.log(name, value.float(), on_step=False, on_epoch=True, batch_size=1)

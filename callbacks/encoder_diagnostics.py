@@ -47,14 +47,13 @@ from __future__ import annotations
 import math
 
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from trm_lightning.trainer_state import is_accumulating
+from callbacks.helpers import MetricProducer, due, tensorboard_writers
+from trm_lightning import metric_names as names
 
-PREFIX = "diagnostics/"
 RANK_RTOL = 1e-6  # singular values below this x the largest row norm are float32 noise
 
 
@@ -92,7 +91,7 @@ def effective_rank(pooled: Tensor, rtol: float = RANK_RTOL) -> Tensor:
 def batch_statistics(pooled: Tensor, task_index: Tensor, moments: Tensor) -> dict[str, Tensor]:
     """Every batch diagnostic from the global pooled matrix (N, D), its task ids (N,) and the value moments.
 
-    Returns 0-d float64 tensors keyed by metric name (without the ``diagnostics/`` prefix).
+    Returns 0-d float64 tensors keyed by their logged names (:mod:`trm_lightning.metric_names`).
     """
     pooled = pooled.double()
     n_rows, dim = pooled.shape
@@ -107,19 +106,19 @@ def batch_statistics(pooled: Tensor, task_index: Tensor, moments: Tensor) -> dic
     unit_std = (unit - unit.mean(dim=0, keepdim=True)).square().mean(dim=0).sqrt()  # (D,) biased
 
     out = {
-        "encoder_cross_sample_var": per_dim_var.mean(),
-        "encoder_output_mean": mean,
-        "encoder_output_std": var_all.sqrt(),
-        "encoder_normalized_var": torch.where(  # 0 for an all-zero context; NaN stays NaN
+        names.ENCODER_CROSS_SAMPLE_VAR: per_dim_var.mean(),
+        names.ENCODER_OUTPUT_MEAN: mean,
+        names.ENCODER_OUTPUT_STD: var_all.sqrt(),
+        names.ENCODER_NORMALIZED_VAR: torch.where(  # 0 for an all-zero context; NaN stays NaN
             mean_sq_norm == 0, torch.zeros_like(mean_sq_norm), per_dim_var.sum() / mean_sq_norm
         ),
-        "encoder_l2n_std": unit_std.mean() * math.sqrt(dim),
-        "encoder_effective_rank": effective_rank(pooled),
+        names.ENCODER_L2N_STD: unit_std.mean() * math.sqrt(dim),
+        names.ENCODER_EFFECTIVE_RANK: effective_rank(pooled),
     }
     different = task_index.view(-1, 1) != task_index.view(1, -1)  # (N, N)
     if bool(different.any()):
         cosine = unit @ unit.T
-        out["encoder_cross_task_cosine"] = cosine[different].mean()
+        out[names.ENCODER_CROSS_TASK_COSINE] = cosine[different].mean()
     return out
 
 
@@ -130,11 +129,11 @@ def probe_statistics(view_a: Tensor, view_b: Tensor) -> dict[str, Tensor]:
     n = cosine.shape[0]
     same = cosine.diagonal()
     off = ~torch.eye(n, dtype=torch.bool, device=cosine.device)
-    out = {"probe_same_task_cosine": same.mean()}
+    out = {names.PROBE_SAME_TASK_COSINE: same.mean()}
     if n > 1:
         best_other = cosine.masked_fill(~off, -math.inf).max(dim=1).values
-        out["probe_diff_task_cosine"] = cosine[off].mean()
-        out["probe_retrieval_acc"] = (same > best_other).double().mean()
+        out[names.PROBE_DIFF_TASK_COSINE] = cosine[off].mean()
+        out[names.PROBE_RETRIEVAL_ACC] = (same > best_other).double().mean()
     return out
 
 
@@ -143,8 +142,8 @@ def drift_statistics(current: Tensor, previous: Tensor) -> dict[str, Tensor]:
     cur, prev = current.double().flatten(1), previous.double().flatten(1)
     cos = (_unit_rows(cur) * _unit_rows(prev)).sum(dim=-1)
     return {
-        "probe_drift_cosine": (1 - cos).mean(),
-        "probe_drift_rel_l2": (cur - prev).norm() / prev.norm().clamp_min(1e-300),
+        names.PROBE_DRIFT_COSINE: (1 - cos).mean(),
+        names.PROBE_DRIFT_REL_L2: (cur - prev).norm() / prev.norm().clamp_min(1e-300),
     }
 
 
@@ -154,29 +153,14 @@ def encoder_statistics(context: Tensor, task_index: Tensor) -> dict[str, Tensor]
 
 
 # ----------------------------------------------------------------------------------------- callback
-def due(trainer: Trainer, every_n_steps: int) -> bool:
-    """True in ``on_train_batch_end`` after optimizer step k when k is a multiple of ``every_n_steps``.
-
-    k is ``trainer.global_step`` (already incremented there); with gradient accumulation only the
-    micro-batch that steps counts. With ``every_n_steps`` a multiple of ``trainer.log_every_n_steps``
-    every check lands on a step the logger writes.
-    """
-    if every_n_steps <= 0 or is_accumulating(trainer):
-        return False
-    return trainer.global_step > 0 and trainer.global_step % every_n_steps == 0
-
-
-def tensorboard_writers(trainer: Trainer) -> list:
-    """The SummaryWriters of the trainer's TensorBoard loggers (call on rank 0 only)."""
-    return [lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
-
-
-class EncoderDiagnostics(Callback):
+class EncoderDiagnostics(MetricProducer):
     """Logs ``diagnostics/*`` statistics of the encoder context every ``every_n_steps`` optimizer steps.
 
     Every rank computes the same numbers from the global batch (the pooled context and the value
     moments are all-gathered), and logs them with ``on_step=True``. Definitions: see the module docstring
     and ``docs/diagnostics.md``. The training step must return ``context`` (B, P, D) and ``task_index`` (B,).
+    A :class:`~callbacks.helpers.MetricProducer`: :class:`~callbacks.CollapseAlert` reads this step's values
+    wherever it stands in ``trainer.callbacks``.
 
     Args:
         every_n_steps: optimizer steps between batch statistics; None uses ``trainer.log_every_n_steps``.
@@ -188,6 +172,8 @@ class EncoderDiagnostics(Callback):
             interval (or ``every_n_steps`` when the probe is off); 0 turns them off.
     """
 
+    publishes = names.SCALAR_DIAGNOSTICS
+
     def __init__(
         self,
         every_n_steps: int | None = None,
@@ -195,6 +181,7 @@ class EncoderDiagnostics(Callback):
         probe_tasks: int = 16,
         histogram_every_n_steps: int | None = None,
     ) -> None:
+        super().__init__()
         for name, value in [("every_n_steps", every_n_steps), ("probe_every_n_steps", probe_every_n_steps),
                             ("histogram_every_n_steps", histogram_every_n_steps)]:
             if value is not None and value < 0:
@@ -207,9 +194,6 @@ class EncoderDiagnostics(Callback):
         self.histogram_every_n_steps = histogram_every_n_steps
         self._probe_batch: dict[str, Tensor] | None = None
         self._previous_probe: Tensor | None = None
-        # step of the latest check of each kind (CollapseAlert reads each result once)
-        self.last_step = -1
-        self.last_probe_step = -1
 
     # ---------------------------------------------------------------------------------- intervals
     def _intervals(self, trainer: Trainer) -> tuple[int, int, int]:
@@ -221,6 +205,7 @@ class EncoderDiagnostics(Callback):
         return every, probe, hist
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
         self._probe_batch = None
         self._previous_probe = None
         _, probe, _ = self._intervals(trainer)
@@ -231,29 +216,29 @@ class EncoderDiagnostics(Callback):
             else:
                 self._probe_batch = datamodule.probe_batch(self.probe_tasks, views=2)
 
-    # ---------------------------------------------------------------------------------- hooks
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
+    # ---------------------------------------------------------------------------------- the step's work
+    def _produce(self, trainer: Trainer, pl_module: LightningModule, outputs) -> bool:
+        """Batch statistics, probe check and histogram, each when due (called by ``on_train_batch_end`` or a
+        consumer, once per step)."""
         every, probe, hist = self._intervals(trainer)
         if not isinstance(outputs, dict) or "context" not in outputs:
-            return
+            return False
         step = trainer.global_step
+        did = False
         if due(trainer, every):
-            stats = self._batch_check(trainer, pl_module, outputs["context"], outputs["task_index"])
-            self._log(pl_module, stats)
-            self.last_step = step
+            self.publish(pl_module, step, self._batch_check(trainer, pl_module, outputs["context"],
+                                                            outputs["task_index"]))
+            did = True
         if self._probe_batch is not None and due(trainer, probe):
-            stats = self._probe_check(trainer, pl_module)
-            self._log(pl_module, stats)
-            self.last_probe_step = step
-        if due(trainer, hist) and trainer.is_global_zero:  # no collective below
-            values = outputs["context"].detach().float().flatten().cpu()
-            for writer in tensorboard_writers(trainer):
-                writer.add_histogram(PREFIX + "encoder_context", values, global_step=step)
-
-    @staticmethod
-    def _log(pl_module: LightningModule, stats: dict[str, Tensor]) -> None:
-        for name, value in stats.items():
-            pl_module.log(PREFIX + name, value.float(), on_step=True, on_epoch=False, batch_size=1)
+            self.publish(pl_module, step, self._probe_check(trainer, pl_module))
+            did = True
+        if due(trainer, hist):
+            did = True
+            if trainer.is_global_zero:  # no collective below
+                values = outputs["context"].detach().float().flatten().cpu()
+                for writer in tensorboard_writers(trainer):
+                    writer.add_histogram(names.ENCODER_CONTEXT_HISTOGRAM, values, global_step=step)
+        return did
 
     @staticmethod
     def _batch_check(trainer: Trainer, pl_module: LightningModule, context: Tensor, task_index: Tensor):

@@ -11,7 +11,10 @@ adds to ModelCheckpoint:
 - on an exception (one process) or SIGTERM (every process gets it) it saves ``last.ckpt`` only; under DDP
   other crashes are not saved, since one rank alone cannot take part in the save's collectives;
 - at the last step (``max_steps``, the last epoch, or a stop requested by a callback) ``last.ckpt`` is
-  brought up to the final state.
+  brought up to the final state;
+- under ``fast_dev_run`` nothing is saved at all, as Lightning means it ("logging and checkpointing is
+  suppressed"): such a run has no run directory, and ModelCheckpoint's own ``save_last`` at ``on_train_end``,
+  which skips that check, would write ``./checkpoints/last-v<N>.ckpt`` into the current directory.
 
 Resume with ``trm fit --config <run>/config.yaml --ckpt_path <run>/checkpoints/last.ckpt``.
 """
@@ -23,6 +26,8 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from trm_lightning.run_files import CHECKPOINT_SUFFIX, LAST_CHECKPOINT_STEM
 
 
 def weights_are_finite(module: LightningModule) -> bool:
@@ -37,6 +42,10 @@ class LastCheckpoint(ModelCheckpoint):
         every_n_train_steps: optimizer steps between two saves (0: only at the end, on a crash, on SIGTERM).
         dirpath: where ``last.ckpt`` goes; None = ``<run dir>/checkpoints`` as for ModelCheckpoint.
     """
+
+    # the name the resume instructions give (README, `make demo`), pinned here rather than left to Lightning
+    CHECKPOINT_NAME_LAST = LAST_CHECKPOINT_STEM
+    FILE_EXTENSION = CHECKPOINT_SUFFIX
 
     def __init__(self, every_n_train_steps: int = 500, dirpath: str | None = None) -> None:
         super().__init__(
@@ -79,3 +88,8 @@ class LastCheckpoint(ModelCheckpoint):
         last_epoch = trainer.max_epochs is not None and 0 < trainer.max_epochs <= trainer.current_epoch + 1
         if last_epoch and not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.fast_dev_run:  # ModelCheckpoint.on_train_end saves last even then (its other saves check it)
+            return
+        super().on_train_end(trainer, pl_module)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-STATUS_FILE = "status.json"
+from trm_lightning.run_files import STATUS_FILE
 
 
 def read_status(run_dir: str | os.PathLike) -> dict[str, dict]:

@@ -6,6 +6,8 @@ import time
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 
+from trm_lightning.metric_names import TRAIN_EXACT_ACCURACY, VAL_EXACT_ACCURACY
+
 
 class RunSummary(Callback):
     """Prints ``<label>: <steps> steps in <seconds> s, train exact <x>, val exact <y>, logs in <run dir>``.
@@ -35,7 +37,7 @@ class RunSummary(Callback):
     def _print(self, trainer: Trainer, seconds: float, log_dir: str | None) -> None:
         print(
             f"{self.label}: {trainer.global_step} steps in {seconds:.1f} s, "
-            f"train exact {self._metric(trainer, 'train/exact_accuracy')}, "
-            f"val exact {self._metric(trainer, 'val/exact_accuracy')}, logs in {log_dir}",
+            f"train exact {self._metric(trainer, TRAIN_EXACT_ACCURACY)}, "
+            f"val exact {self._metric(trainer, VAL_EXACT_ACCURACY)}, logs in {log_dir}",
             flush=True,
         )

@@ -26,20 +26,21 @@ from pathlib import Path
 
 import docstring_parser
 import torch
+from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
-from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch.cli import ArgsType, LightningCLI, SaveConfigCallback
 
 from callbacks.last_checkpoint import LastCheckpoint
 from callbacks.run_status import RunStatus
+from trm_lightning.architecture import TRM_ARCHITECTURE_KEYS, architecture_mismatch
 from trm_lightning.data.datamodule import ARCDataModule
 from trm_lightning.errors import ConfigError, TRMError
-from trm_lightning.architecture import TRM_ARCHITECTURE_KEYS, architecture_mismatch
 from trm_lightning.models.encoder import StandardDemoEncoder
 from trm_lightning.module import TRMLitModule
+from trm_lightning.metric_names import VAL_EXACT_ACCURACY
+from trm_lightning.run_files import CONFIG_FILE, EXPERIMENT_FILE
 from trm_lightning.trainer_state import explicit_logger_version
-from trm_lightning.report.runs import EXPERIMENT_FILE
 
 DEFAULT_LOGGER = {
     "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
@@ -130,12 +131,12 @@ class TRMCLI(LightningCLI):
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults(
             {
-                "checkpoint.monitor": "val/exact_accuracy",
+                "checkpoint.monitor": VAL_EXACT_ACCURACY,
                 "checkpoint.mode": "max",
                 "checkpoint.save_last": False,  # last.ckpt is last_checkpoint's
                 "checkpoint.save_top_k": 1,
                 "checkpoint.auto_insert_metric_name": False,
-                "checkpoint.filename": "step{step}-val_exact{val/exact_accuracy:.4f}",
+                "checkpoint.filename": f"step{{step}}-val_exact{{{VAL_EXACT_ACCURACY}:.4f}}",
             }
         )
         parser.add_lightning_class_args(LastCheckpoint, "last_checkpoint")
@@ -203,7 +204,7 @@ def build_cli(args: ArgsType = None, run: bool = True) -> TRMCLI:
         ARCDataModule,
         auto_configure_optimizers=False,
         save_config_callback=RecordingSaveConfig,
-        save_config_kwargs={"overwrite": False},  # never over another run's config.yaml
+        save_config_kwargs={"overwrite": False, "config_filename": CONFIG_FILE},  # never over another run's
         seed_everything_default=0,
         trainer_defaults={"logger": DEFAULT_LOGGER},
         parser_kwargs={

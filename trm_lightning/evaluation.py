@@ -40,6 +40,8 @@ from trm_lightning.data.arc import ArcTask, validate_grid
 from trm_lightning.data.augment import TRM_NUM_AUGMENTATIONS, Augmentation, augmentation_for, evaluation_augmentations
 from trm_lightning.data.tokenize import crop_canvas
 from trm_lightning.errors import DataError
+from trm_lightning.metric_names import pass_at
+from trm_lightning.run_files import EVAL_DETAILS_FILE, SUBMISSION_FILE
 
 DEFAULT_K_VALUES = (1, 2, 5, 10)
 _STATE_VERSION = 1
@@ -118,7 +120,7 @@ class PassAtK:
     def __str__(self) -> str:
         lo, hi = self.wilson_ci()
         return (
-            f"ARC/pass@{self.k} = {_fmt_count(self.solved)}/{self.tasks} tasks ({self.percent:.2f}%), "
+            f"{pass_at(self.k)} = {_fmt_count(self.solved)}/{self.tasks} tasks ({self.percent:.2f}%), "
             f"95% CI [{lo:.1f}%, {hi:.1f}%]"
         )
 
@@ -419,7 +421,7 @@ class ARCVoteEvaluator:
             },
             "tasks": self.details(),
         }
-        paths = {"submission": directory / "submission.json", "details": directory / "eval_details.json"}
+        paths = {"submission": directory / SUBMISSION_FILE, "details": directory / EVAL_DETAILS_FILE}
         for name, payload in (("submission", submission), ("details", details)):
             tmp = paths[name].with_name(paths[name].name + ".tmp")
             tmp.write_text(json.dumps(payload, separators=(",", ":") if name == "submission" else None, indent=None))

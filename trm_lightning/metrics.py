@@ -9,6 +9,8 @@ evaluation: every labelled row after the full rollout) and reports means over th
 - ``steps``: mean ACT steps the counted rows took;
 - ``count``: rows counted (summed over ranks).
 
+The keys are :data:`trm_lightning.metric_names.ACT_METRIC_KEYS`; the module logs them as ``<split>/<key>``.
+
 ``lm_loss`` and ``q_halt_loss`` are means over every row of every step (each row is supervised at every
 step: deep supervision).
 """
@@ -19,6 +21,11 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
+from trm_lightning.metric_names import ACCURACY, COUNT, EXACT_ACCURACY, LM_LOSS, Q_HALT_ACCURACY, Q_HALT_LOSS, STEPS
+
+ROWS = "rows"  # every row of every step (the losses' denominator); a state, not reported
+ROW_MEANS = (ACCURACY, EXACT_ACCURACY, Q_HALT_ACCURACY, STEPS)  # means over the counted rows
+
 
 class ACTMetrics(Metric):
     full_state_update = False
@@ -27,7 +34,7 @@ class ACTMetrics(Metric):
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
-        for name in ("count", "accuracy", "exact_accuracy", "q_halt_accuracy", "steps", "rows", "lm_loss", "q_halt_loss"):
+        for name in (COUNT, *ROW_MEANS, ROWS, LM_LOSS, Q_HALT_LOSS):
             self.add_state(name, default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(
@@ -54,8 +61,8 @@ class ACTMetrics(Metric):
     def compute(self) -> dict[str, Tensor]:
         n = self.count.clamp_min(1)
         rows = self.rows.clamp_min(1)
-        out = {k: (getattr(self, k) / n).float() for k in ("accuracy", "exact_accuracy", "q_halt_accuracy", "steps")}
-        out["lm_loss"] = (self.lm_loss / rows).float()
-        out["q_halt_loss"] = (self.q_halt_loss / rows).float()
-        out["count"] = self.count.float()
+        out = {k: (getattr(self, k) / n).float() for k in ROW_MEANS}
+        out[LM_LOSS] = (self.lm_loss / rows).float()
+        out[Q_HALT_LOSS] = (self.q_halt_loss / rows).float()
+        out[COUNT] = self.count.float()
         return out

@@ -33,6 +33,7 @@ from trm_lightning.checks import check_at_least, check_divisible, check_greater,
 from trm_lightning.errors import ConfigError
 from trm_lightning.evaluation import ARCVoteEvaluator
 from trm_lightning.losses import act_loss
+from trm_lightning.metric_names import LR, TEST, TRAIN, VAL_VIEWS, pass_at, split_metric
 from trm_lightning.metrics import ACTMetrics
 from trm_lightning.models.conditioning import ConditionerFactory, ConditionerShape, PuzzleEmbedding
 from trm_lightning.models.encoder import StandardDemoEncoder
@@ -43,7 +44,6 @@ from trm_lightning.pretrained import load_trm_weights, provenance
 from trm_lightning.trainer_state import ignore_in_ddp, is_logging_step
 from trm_lightning.vocab import VOCAB_SIZE
 
-VAL_VIEWS = ("val", "val_seen")
 POSITIVE_INTS = ("canvas_size", "hidden_size", "num_heads", "L_layers", "H_cycles", "L_cycles", "halt_max_steps",
                  "puzzle_emb_len", "num_puzzle_ids")
 NON_NEGATIVE = ("q_halt_loss_weight", "lr", "encoder_lr_scale", "weight_decay", "lr_warmup_steps", "freeze_trm_steps",
@@ -248,7 +248,7 @@ class TRMLitModule(LightningModule):
         if is_logging_step(self._trainer):
             values = self.train_metrics.compute()  # all ranks reach this together: the states are summed
             self.train_metrics.reset()
-            self.log_dict({f"train/{k}": v for k, v in values.items()}, on_step=True, on_epoch=False)
+            self.log_dict({split_metric(TRAIN, k): v for k, v in values.items()}, on_step=True, on_epoch=False)
         return {
             "loss": loss.loss,
             "context": out.context.detach(),  # (B, P, D) for the diagnostics callbacks
@@ -272,7 +272,7 @@ class TRMLitModule(LightningModule):
         for view, metrics in self.val_metrics.items():
             if metrics.update_called:
                 values = metrics.compute()
-                self.log_dict({f"{view}/{k}": v for k, v in values.items()}, on_epoch=True)
+                self.log_dict({split_metric(view, k): v for k, v in values.items()}, on_epoch=True)
             metrics.reset()
 
     def on_test_epoch_start(self) -> None:
@@ -289,18 +289,29 @@ class TRMLitModule(LightningModule):
 
     def on_test_epoch_end(self) -> None:
         values = self.test_metrics.compute()
-        self.log_dict({f"test/{k}": v for k, v in values.items()}, on_epoch=True)
+        self.log_dict({split_metric(TEST, k): v for k, v in values.items()}, on_epoch=True)
         self.test_metrics.reset()
         evaluator, self._evaluator = self._evaluator, None
         evaluator.gather(self.trainer.strategy)  # every rank: one all_gather of the votes
         results = evaluator.results()
-        out_dir = self.trainer.log_dir or "."  # a broadcast under DDP: every rank, never under is_global_zero
-        self.log_dict({f"ARC/pass@{k}": torch.tensor(r.percent) for k, r in results.items()}, on_epoch=True)
+        self.log_dict({pass_at(k): torch.tensor(r.percent) for k, r in results.items()}, on_epoch=True)
+        written = self._write_votes(evaluator)
         if self.trainer.is_global_zero:
-            paths = evaluator.write(out_dir)
             for r in results.values():
                 print(r, flush=True)
-            print(f"votes from {len(evaluator)} rows; wrote {paths['submission']} and {paths['details']}", flush=True)
+            print(f"votes from {len(evaluator)} rows; {written}", flush=True)
+
+    def _write_votes(self, evaluator: ARCVoteEvaluator) -> str:
+        """Write ``submission.json`` and ``eval_details.json`` into the run directory (rank 0); say where. Every rank
+        calls this (``trainer.log_dir`` is a broadcast under DDP). A run without a directory (``fast_dev_run``)
+        writes nothing rather than into the working directory."""
+        out_dir = self.trainer.log_dir
+        if not self.trainer.is_global_zero:
+            return ""
+        if out_dir is None:
+            return "nothing written (this run has no run directory)"
+        paths = evaluator.write(out_dir)
+        return f"wrote {paths['submission']} and {paths['details']}"
 
     # ---------------------------------------------------------------------------------------- prediction
     def on_predict_epoch_start(self) -> None:
@@ -317,12 +328,10 @@ class TRMLitModule(LightningModule):
     def on_predict_epoch_end(self) -> None:
         evaluator, self._evaluator = self._evaluator, None
         evaluator.gather(self.trainer.strategy)  # every rank: one all_gather of the votes
-        out_dir = self.trainer.log_dir or "."  # a broadcast under DDP: every rank
+        written = self._write_votes(evaluator)
         if self.trainer.is_global_zero:
-            paths = evaluator.write(out_dir)
             tasks = len(evaluator.evaluated_task_indices)
-            print(f"predict: {tasks} tasks, votes from {len(evaluator)} rows; wrote {paths['submission']} "
-                  f"and {paths['details']}", flush=True)
+            print(f"predict: {tasks} tasks, votes from {len(evaluator)} rows; {written}", flush=True)
 
     # ---------------------------------------------------------------------------------------- optimiser
     def on_before_optimizer_step(self, optimizer) -> None:
@@ -351,4 +360,4 @@ class TRMLitModule(LightningModule):
         # one factor per group, in the groups' order: 0 while the group is frozen, the schedule after
         factors = [frozen_then(base, frozen[g["name"]]) for g in groups]
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step", "name": "lr"}}
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step", "name": LR}}

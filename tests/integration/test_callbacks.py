@@ -7,18 +7,30 @@ import os
 
 import pytest
 import torch
+import yaml
 from lightning.pytorch import Callback
 
 from callbacks import CollapseAlert, CollapseAlertError, ContextReliance, EncoderDiagnostics, GradNorms
+from callbacks.alert_rules import (
+    AccuracyCollapse,
+    NonFinite,
+    ProbeDrift,
+    QHaltRising,
+    RepresentationCollapse,
+    default_rules,
+)
 from callbacks.encoder_diagnostics import encoder_statistics
-from tests.integration.helpers import build_tiny
+from tests.integration.helpers import ROOT, build_tiny, tiny_args
+from trm_lightning.cli import build_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 NO_VAL = ("--trainer.limit_val_batches=0",)
-SCALE_INVARIANT = ["encoder_normalized_var", "encoder_l2n_std", "encoder_cross_task_cosine", "encoder_effective_rank",
-                   "probe_same_task_cosine", "probe_diff_task_cosine", "probe_retrieval_acc"]
-RAW = ["encoder_cross_sample_var", "encoder_output_mean", "encoder_output_std"]
+SCALE_INVARIANT = ["diagnostics/encoder_normalized_var", "diagnostics/encoder_l2n_std",
+                   "diagnostics/encoder_cross_task_cosine", "diagnostics/encoder_effective_rank",
+                   "diagnostics/probe_same_task_cosine", "diagnostics/probe_diff_task_cosine",
+                   "diagnostics/probe_retrieval_acc"]
+RAW = ["diagnostics/encoder_cross_sample_var", "diagnostics/encoder_output_mean", "diagnostics/encoder_output_std"]
 
 
 def _fit(dirs, tmp_path, callbacks, *args, encode=None, max_steps=4):
@@ -54,8 +66,15 @@ def _alerts(log_dir) -> list[dict]:
 
 def _all_raise(**kwargs) -> CollapseAlert:
     """Default thresholds, every rule set to raise: a fit that finishes fired nothing."""
-    actions = {f"{r}_action": "raise" for r in ("collapse", "drift", "accuracy", "q_halt", "nonfinite")}
-    return CollapseAlert(**{**actions, **kwargs})
+    rules = [NonFinite("raise"), RepresentationCollapse(action="raise"), ProbeDrift(action="raise"),
+             AccuracyCollapse(action="raise"), QHaltRising(action="raise")]
+    return CollapseAlert(rules, **kwargs)
+
+
+def _defaults_with(*rules, without=()):
+    """The default rules, each given rule in place of the default one of its class, the classes ``without`` left out."""
+    given = {type(r): r for r in rules}
+    return [given.get(type(r), r) for r in default_rules() if type(r) not in without]
 
 
 class ContextSpy(Callback):
@@ -91,7 +110,7 @@ def test_random_encoder_logs_every_metric_and_fires_nothing(dirs, tmp_path):
     for i, (context, tasks) in enumerate(spy.seen):
         expected = encoder_statistics(context, tasks)
         for key, value in expected.items():
-            written = dict(tb[f"diagnostics/{key}"])[i]
+            written = dict(tb[key])[i]
             assert written == pytest.approx(value.item(), rel=1e-5, abs=1e-6), (i, key)
     probe = dict(tb["diagnostics/probe_retrieval_acc"])
     assert sorted(probe) == [1, 3]  # probe at steps 2 and 4 (TensorBoard step = optimizer step - 1)
@@ -115,19 +134,20 @@ def test_encoder_output_x100_changes_only_the_raw_metrics(dirs, tmp_path):
         cli = _fit(dirs, tmp_path / str(scale), [EncoderDiagnostics(every_n_steps=1, probe_tasks=6)], *NO_VAL,
                    encode=lambda c, trainer, s=scale: c * s, max_steps=1)
         tb = _scalars(cli.trainer.log_dir)
-        logs[scale] = {k.split("/")[1]: v[0][1] for k, v in tb.items() if k.startswith("diagnostics/")}
+        logs[scale] = {k: v[0][1] for k, v in tb.items() if k.startswith("diagnostics/")}
     plain, scaled = logs[1.0], logs[100.0]
     for key in SCALE_INVARIANT:
         assert scaled[key] == pytest.approx(plain[key], rel=1e-4, abs=1e-6), key
-    assert scaled["encoder_cross_sample_var"] == pytest.approx(plain["encoder_cross_sample_var"] * 1e4, rel=1e-3)
-    assert scaled["encoder_output_std"] == pytest.approx(plain["encoder_output_std"] * 100, rel=1e-3)
-    assert scaled["encoder_output_mean"] == pytest.approx(plain["encoder_output_mean"] * 100, rel=1e-3)
+    var, std, mean = RAW
+    assert scaled[var] == pytest.approx(plain[var] * 1e4, rel=1e-3)
+    assert scaled[std] == pytest.approx(plain[std] * 100, rel=1e-3)
+    assert scaled[mean] == pytest.approx(plain[mean] * 100, rel=1e-3)
 
 
 # ------------------------------------------------------------------------------ alerts
 @pytest.mark.parametrize("action", ["warn", "stop", "raise"])
 def test_constant_encoder_fires_representation_collapse(dirs, tmp_path, action):
-    alert = CollapseAlert(collapse_patience=2, collapse_action=action)
+    alert = CollapseAlert(_defaults_with(RepresentationCollapse(patience=2, action=action)))
     callbacks = [EncoderDiagnostics(every_n_steps=1, probe_tasks=6), alert]
     if action == "raise":
         with pytest.raises(CollapseAlertError, match="representation_collapse"):
@@ -160,9 +180,8 @@ def test_slowly_drifting_encoder_fires_drift(dirs, tmp_path):
         return context + 0.2 * trainer.global_step * direction
 
     def run(name, encode):
-        alert = CollapseAlert(max_probe_drift_cosine=None, max_probe_drift_rel_l2=0.05, drift_patience=2,
-                              drift_action="stop",
-                              min_normalized_var=None, max_cross_task_cosine=None)
+        drift = ProbeDrift(max_probe_drift_cosine=None, max_probe_drift_rel_l2=0.05, patience=2, action="stop")
+        alert = CollapseAlert(_defaults_with(drift, without=(RepresentationCollapse,)))
         cli = _fit(dirs, tmp_path / name, [EncoderDiagnostics(every_n_steps=1, probe_tasks=6), alert], *NO_VAL,
                    "--model.encoder_lr_scale=0", encode=encode, max_steps=5)
         return cli, _alerts(cli.trainer.log_dir)
@@ -207,6 +226,97 @@ def test_nan_loss_fires_nonfinite_and_stops(dirs, tmp_path):
     assert all(torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point())
     messages = [str(w.message) for w in warned]
     assert any("last.ckpt (step 2) is the last finite state" in m for m in messages), messages
+    # no EncoderDiagnostics in this fit: the rules that read diagnostics/* say so once, at the start
+    unfed = [m for m in messages if "no callback in trainer.callbacks publishes" in m]
+    assert [m.split("; the ")[1].split()[0] for m in unfed] == ["representation_collapse", "drift"], unfed
+
+
+def _growing_constant(context, trainer):
+    """Every row the same pattern (collapsed), scaled up at each step (the probe set drifts in relative L2)."""
+    pattern = torch.linspace(-1, 1, context.shape[-1]).expand_as(context)
+    return pattern * (1.0 + 0.2 * trainer.global_step) + 0 * context
+
+
+@pytest.mark.parametrize("alert_first", [False, True])
+def test_alerts_do_not_depend_on_the_callback_order(dirs, tmp_path, alert_first):
+    """CollapseAlert before EncoderDiagnostics reads this step's values (it asks the producer to compute them first),
+    so the same alerts fire at the same steps with the same values as after it, and the diagnostics are computed
+    once per step either way."""
+    def run(name, first):
+        diagnostics = EncoderDiagnostics(every_n_steps=1, probe_every_n_steps=1, probe_tasks=6)
+        computed = []
+        batch_check = diagnostics._batch_check
+        diagnostics._batch_check = lambda trainer, *a: computed.append(trainer.global_step) or batch_check(trainer, *a)
+        rules = [RepresentationCollapse(patience=2), ProbeDrift(max_probe_drift_cosine=None,
+                                                                max_probe_drift_rel_l2=0.05, patience=2)]
+        alert = CollapseAlert(rules, check_every_n_steps=1)
+        order = [alert, diagnostics] if first else [diagnostics, alert]
+        with pytest.warns(UserWarning, match=r"\[drift\] at step 3"):
+            cli = _fit(dirs, tmp_path / name, order, *NO_VAL, encode=_growing_constant)
+        assert computed == [1, 2, 3, 4]
+        return _alerts(cli.trainer.log_dir), _scalars(cli.trainer.log_dir)
+
+    records, tb = run("this_order", alert_first)
+    assert [(r["step"], r["rule"]) for r in records] == [(2, "representation_collapse"), (3, "drift")]
+    assert records[1]["values"]["diagnostics/probe_drift_rel_l2"] == pytest.approx(0.2 / 1.4, rel=1e-4)
+    other_records, other_tb = run("other_order", not alert_first)
+    assert other_records == records
+    assert {k: v for k, v in other_tb.items() if k.startswith("diagnostics/")} == {
+        k: v for k, v in tb.items() if k.startswith("diagnostics/")}
+    assert {"alerts/representation_collapse/text_summary", "alerts/drift/text_summary"} <= set(tb["_text"])
+
+
+def test_rules_are_chosen_in_yaml_by_short_or_full_class_path(dirs, tmp_path, capsys):
+    overlay = tmp_path / "alerts.yaml"
+    overlay.write_text(
+        "trainer:\n"
+        "  callbacks:\n"
+        "    - class_path: callbacks.CollapseAlert\n"
+        "      init_args:\n"
+        "        check_every_n_steps: 5\n"
+        "        rules:\n"
+        "          - class_path: RepresentationCollapse\n"
+        "            init_args: {min_normalized_var: 0.02, patience: 4, action: stop}\n"
+        "          - class_path: callbacks.alert_rules.ProbeDrift\n"
+        "            init_args: {max_probe_drift_rel_l2: 0.1}\n"
+        "          - class_path: callbacks.NonFinite\n"
+        "    - class_path: CollapseAlert\n"  # no rules: the default list
+    )
+    cli = build_tiny(*dirs, tmp_path, "--config", str(overlay))
+    configured, default = [cb for cb in cli.trainer.callbacks if isinstance(cb, CollapseAlert)]
+    assert configured.check_every_n_steps == 5
+    collapse, drift, nonfinite = configured.rules
+    assert type(collapse) is RepresentationCollapse and (collapse.patience, collapse.action) == (4, "stop")
+    assert collapse.thresholds() == {"min_normalized_var": 0.02, "max_cross_task_cosine": 0.99}
+    assert type(drift) is ProbeDrift and drift.thresholds() == {"max_probe_drift_cosine": 0.3,
+                                                                "max_probe_drift_rel_l2": 0.1}
+    assert type(nonfinite) is NonFinite and nonfinite.action == "stop"
+    assert [type(r) for r in default.rules] == [type(r) for r in default_rules()]
+
+    with pytest.raises(SystemExit):
+        build_cli(["fit", *tiny_args(*dirs, tmp_path, "--config", str(overlay)), "--print_config"])
+    printed = capsys.readouterr().out
+    entries = yaml.safe_load(printed)["trainer"]["callbacks"]
+    assert [r["class_path"] for r in entries[0]["init_args"]["rules"]] == [  # short names resolved to import paths
+        "callbacks.RepresentationCollapse", "callbacks.alert_rules.ProbeDrift", "callbacks.NonFinite"]
+    assert entries[1]["init_args"]["rules"] is None
+    saved = tmp_path / "printed.yaml"  # the callbacks a run's config.yaml holds parse back to the same rules
+    saved.write_text(yaml.safe_dump({"trainer": {"callbacks": entries}}))
+    again = build_tiny(*dirs, tmp_path, "--config", str(saved))
+    rebuilt = next(cb for cb in again.trainer.callbacks if isinstance(cb, CollapseAlert))
+    assert [(type(r), r.thresholds(), r.patience, r.action) for r in rebuilt.rules] == [
+        (type(r), r.thresholds(), r.patience, r.action) for r in configured.rules]
+
+
+def test_the_documented_yaml_example_parses(dirs, tmp_path):
+    doc = (ROOT / "docs" / "diagnostics.md").read_text()
+    example = next(block for block in doc.split("```yaml\n")[1:] if "CollapseAlert" in block).split("```")[0]
+    overlay = tmp_path / "example.yaml"
+    overlay.write_text(example)
+    cli = build_tiny(*dirs, tmp_path, "--config", str(overlay))
+    (alert,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, CollapseAlert)]
+    assert [type(r) for r in alert.rules] == [NonFinite, RepresentationCollapse, AccuracyCollapse]
+    assert (alert.warmup_steps, alert.rules[1].action, alert.rules[2].patience) == (2000, "stop", 5)
 
 
 # ------------------------------------------------------------------------------ context reliance

@@ -111,12 +111,11 @@ def test_ddp_diagnostics_equal_one_process(synthetic_task_dir, synthetic_eval_di
 def test_one_ranks_nan_stops_both_ranks(synthetic_task_dir, synthetic_eval_dir, tmp_path, action):
     poison = {"class_path": "tests.integration.test_callbacks_ddp.PoisonLoss",
               "init_args": {"rank": 1, "step": 2, "record_dir": str(tmp_path)}}
-    alert = {"class_path": "callbacks.CollapseAlert",
-             "init_args": {"check_every_n_steps": 1, "nonfinite_action": action}}
-    config = _callbacks_yaml(tmp_path / "callbacks.yaml", poison)
-    cfg = json.loads(Path(config).read_text())
-    cfg["trainer"]["callbacks"].append(alert)
-    Path(config).write_text(json.dumps(cfg))
+    rules = [{"class_path": "NonFinite", "init_args": {"action": action}}, {"class_path": "RepresentationCollapse"}]
+    alert = {"class_path": "callbacks.CollapseAlert", "init_args": {"check_every_n_steps": 1, "rules": rules}}
+    # the alert after the poison (it must see the NaN) but before EncoderDiagnostics: it makes the diagnostics'
+    # collectives run inside its own hook, on both ranks at the same steps
+    config = _callbacks_yaml(tmp_path / "callbacks.yaml", poison, alert)
 
     out = _trm_fit(synthetic_task_dir, synthetic_eval_dir, tmp_path / "run", "--config", config, *COMMON, *DDP,
                    "--trainer.max_steps=8", "--trainer.limit_val_batches=0")

@@ -31,7 +31,10 @@ OVERLAYS = {
     "R1_collapse": "# R1 Collapse: a constant encoder output must stop the run.\n"
                    "trainer:\n  logger:\n    init_args:\n      name: R1_collapse\n  " + DIAG +
                    "    - class_path: callbacks.CollapseAlert\n"
-                   "      init_args: {collapse_patience: 2, collapse_action: stop}\n"
+                   "      init_args:\n"
+                   "        rules:\n"
+                   "          - class_path: RepresentationCollapse\n"
+                   "            init_args: {patience: 2, action: stop}\n"
                    "model:\n  lr: 3.0e-3\n",
     "R2_crash": "# R2 Crash: an exception in a callback is recorded as a crash.\n"
                 "trainer:\n  max_steps: 6\n  logger:\n    init_args:\n      name: R2_crash\n  " + DIAG,

@@ -94,6 +94,27 @@ def test_fit_logs_required_tags_and_checkpoints(synthetic_task_dir, synthetic_ev
     assert len(details) == 6  # every held-out synthetic task was evaluated
 
 
+def test_fast_dev_run_writes_nothing(synthetic_task_dir, synthetic_eval_dir, tmp_path, monkeypatch):
+    """A fast_dev_run has no run directory (Lightning replaces the loggers by a dummy): it saves no checkpoint, status
+    or alert record, in the current directory or anywhere, as Lightning's ModelCheckpoint means it. A ``stop`` alert
+    still warns and stops."""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    always = {"class_path": "RepresentationCollapse", "init_args": {"min_normalized_var": 1.1, "patience": 1,
+                                                                     "action": "stop"}}
+    overlay = tmp_path / "alert.yaml"
+    overlay.write_text(json.dumps({"trainer": {"callbacks": [  # JSON is YAML
+        {"class_path": "callbacks.EncoderDiagnostics", "init_args": {"every_n_steps": 1, "probe_tasks": 6}},
+        {"class_path": "callbacks.CollapseAlert", "init_args": {"check_every_n_steps": 1, "rules": [always]}}]}}))
+    with pytest.warns(UserWarning, match="under fast_dev_run: no alert checkpoint"):
+        cli = run_tiny("fit", synthetic_task_dir, synthetic_eval_dir, tmp_path / "runs", "--config", str(overlay),
+                       "--trainer.fast_dev_run=3", "--last_checkpoint.every_n_train_steps=1")
+    assert cli.trainer.global_step == 1 and cli.trainer.should_stop
+    assert list(cwd.iterdir()) == [] and not (tmp_path / "runs").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["alert.yaml", "cwd"]
+
+
 def test_train_metrics_count_only_halted_rows(synthetic_task_dir, synthetic_eval_dir, tmp_path):
     # halt_max_steps 3 and q_head bias -5: no row halts before step 3, so steps 1-2 count nothing
     cli = build_tiny(synthetic_task_dir, synthetic_eval_dir, tmp_path, "--trainer.max_steps=3",

@@ -7,12 +7,13 @@ import math
 import pytest
 import torch
 
-from callbacks.collapse_alert import (
-    AccuracyCollapseRule,
-    DriftRule,
-    NonFiniteRule,
-    RepresentationCollapseRule,
-    RisingRule,
+from callbacks.alert_rules import (
+    AccuracyCollapse,
+    NonFinite,
+    ProbeDrift,
+    QHaltRising,
+    RepresentationCollapse,
+    default_rules,
 )
 from callbacks.context_reliance import derangement
 from trm_lightning.losses import row_accuracy
@@ -26,9 +27,11 @@ from callbacks.encoder_diagnostics import (
     value_moments,
 )
 from callbacks.grad_norms import clip_ratio, total_norm
+from trm_lightning import metric_names as names
 
-SCALE_INVARIANT = ["encoder_normalized_var", "encoder_l2n_std", "encoder_cross_task_cosine", "encoder_effective_rank"]
-RAW = ["encoder_cross_sample_var", "encoder_output_mean", "encoder_output_std"]
+SCALE_INVARIANT = [names.ENCODER_NORMALIZED_VAR, names.ENCODER_L2N_STD, names.ENCODER_CROSS_TASK_COSINE,
+                   names.ENCODER_EFFECTIVE_RANK]
+RAW = [names.ENCODER_CROSS_SAMPLE_VAR, names.ENCODER_OUTPUT_MEAN, names.ENCODER_OUTPUT_STD]
 
 
 def _context(B=48, P=4, D=32, seed=0, offset=0.0):
@@ -45,9 +48,10 @@ def test_raw_statistics_match_their_definitions():
     ctx = _context(offset=0.3)
     s = encoder_statistics(ctx, _tasks())
     pooled = ctx.double().mean(1)
-    assert s["encoder_cross_sample_var"].item() == pytest.approx(pooled.var(0, unbiased=False).mean().item(), rel=1e-9)
-    assert s["encoder_output_mean"].item() == pytest.approx(ctx.double().mean().item(), rel=1e-9)
-    assert s["encoder_output_std"].item() == pytest.approx(ctx.double().std().item(), rel=1e-9)
+    expected_var = pooled.var(0, unbiased=False).mean().item()
+    assert s[names.ENCODER_CROSS_SAMPLE_VAR].item() == pytest.approx(expected_var, rel=1e-9)
+    assert s[names.ENCODER_OUTPUT_MEAN].item() == pytest.approx(ctx.double().mean().item(), rel=1e-9)
+    assert s[names.ENCODER_OUTPUT_STD].item() == pytest.approx(ctx.double().std().item(), rel=1e-9)
 
 
 def test_scale_invariant_statistics_match_their_definitions():
@@ -57,21 +61,21 @@ def test_scale_invariant_statistics_match_their_definitions():
     p = ctx.double().mean(1)
     D = p.shape[1]
     nv = p.var(0, unbiased=False).sum() / p.square().sum(1).mean()
-    assert s["encoder_normalized_var"].item() == pytest.approx(nv.item(), rel=1e-9)
+    assert s[names.ENCODER_NORMALIZED_VAR].item() == pytest.approx(nv.item(), rel=1e-9)
     u = p / p.norm(dim=1, keepdim=True)
     l2n_std = u.std(0, unbiased=False).mean() * math.sqrt(D)
-    assert s["encoder_l2n_std"].item() == pytest.approx(l2n_std.item(), rel=1e-9)
+    assert s[names.ENCODER_L2N_STD].item() == pytest.approx(l2n_std.item(), rel=1e-9)
     cos = u @ u.T
     pairs = [(i, j) for i in range(len(tasks)) for j in range(len(tasks)) if tasks[i] != tasks[j]]
     expected = sum(cos[i, j].item() for i, j in pairs) / len(pairs)
-    assert s["encoder_cross_task_cosine"].item() == pytest.approx(expected, rel=1e-9)
+    assert s[names.ENCODER_CROSS_TASK_COSINE].item() == pytest.approx(expected, rel=1e-9)
 
 
 def test_normalized_var_is_the_varying_fraction_of_the_energy():
     ctx = _context(B=400, offset=0.0)
-    assert encoder_statistics(ctx, _tasks(400)).get("encoder_normalized_var").item() == pytest.approx(1.0, abs=0.02)
+    assert encoder_statistics(ctx, _tasks(400)).get(names.ENCODER_NORMALIZED_VAR).item() == pytest.approx(1.0, abs=0.02)
     # a common offset of 3 per dim: energy 9 + 1/P per dim, of which 1/P varies (P=4) -> 0.25/9.25
-    shifted = encoder_statistics(_context(B=400, offset=3.0), _tasks(400))["encoder_normalized_var"].item()
+    shifted = encoder_statistics(_context(B=400, offset=3.0), _tasks(400))[names.ENCODER_NORMALIZED_VAR].item()
     assert shifted == pytest.approx(0.25 / 9.25, rel=0.1)
 
 
@@ -97,30 +101,31 @@ def test_collapsed_and_random_contexts_sit_at_the_ends():
     ctx = _context()
     constant = _context(B=1).expand_as(ctx) + 0 * ctx
     c = encoder_statistics(constant, _tasks())
-    assert c["encoder_normalized_var"].item() == pytest.approx(0.0, abs=1e-12)
-    assert c["encoder_l2n_std"].item() == pytest.approx(0.0, abs=1e-6)
-    assert c["encoder_cross_task_cosine"].item() == pytest.approx(1.0, abs=1e-9)
-    assert c["encoder_effective_rank"].item() == 0.0
+    assert c[names.ENCODER_NORMALIZED_VAR].item() == pytest.approx(0.0, abs=1e-12)
+    assert c[names.ENCODER_L2N_STD].item() == pytest.approx(0.0, abs=1e-6)
+    assert c[names.ENCODER_CROSS_TASK_COSINE].item() == pytest.approx(1.0, abs=1e-9)
+    assert c[names.ENCODER_EFFECTIVE_RANK].item() == 0.0
     r = encoder_statistics(_context(B=256), _tasks(256, 64))
-    assert r["encoder_normalized_var"].item() > 0.9
-    assert 0.9 < r["encoder_l2n_std"].item() < 1.1
-    assert abs(r["encoder_cross_task_cosine"].item()) < 0.05
-    assert r["encoder_effective_rank"].item() > 20
+    assert r[names.ENCODER_NORMALIZED_VAR].item() > 0.9
+    assert 0.9 < r[names.ENCODER_L2N_STD].item() < 1.1
+    assert abs(r[names.ENCODER_CROSS_TASK_COSINE].item()) < 0.05
+    assert r[names.ENCODER_EFFECTIVE_RANK].item() > 20
 
 
 def test_non_finite_context_gives_nan_not_an_error():
     ctx = _context()
     ctx[3, 0, 0] = float("nan")
     stats = encoder_statistics(ctx, _tasks())  # the SVD would raise on NaN
-    assert math.isnan(stats["encoder_effective_rank"].item()) and math.isnan(stats["encoder_normalized_var"].item())
+    assert math.isnan(stats[names.ENCODER_EFFECTIVE_RANK].item())
+    assert math.isnan(stats[names.ENCODER_NORMALIZED_VAR].item())
 
 
 def test_cross_task_cosine_ignores_pairs_of_the_same_task():
     rows = torch.eye(4, 8).repeat_interleave(3, dim=0)  # 4 tasks, 3 identical rows each, orthogonal tasks
     ctx = rows.unsqueeze(1)
     tasks = torch.arange(4).repeat_interleave(3)
-    assert encoder_statistics(ctx, tasks)["encoder_cross_task_cosine"].item() == pytest.approx(0.0, abs=1e-12)
-    assert "encoder_cross_task_cosine" not in encoder_statistics(ctx, torch.zeros(12, dtype=torch.long))
+    assert encoder_statistics(ctx, tasks)[names.ENCODER_CROSS_TASK_COSINE].item() == pytest.approx(0.0, abs=1e-12)
+    assert names.ENCODER_CROSS_TASK_COSINE not in encoder_statistics(ctx, torch.zeros(12, dtype=torch.long))
 
 
 def test_statistics_of_gathered_shards_equal_the_whole_batch():
@@ -138,23 +143,23 @@ def test_statistics_of_gathered_shards_equal_the_whole_batch():
 def test_probe_statistics():
     a = _context(B=8, seed=3)
     same = probe_statistics(a, a * 5)
-    assert same["probe_same_task_cosine"].item() == pytest.approx(1.0)
-    assert same["probe_retrieval_acc"].item() == 1.0
-    assert same["probe_diff_task_cosine"].item() < 0.5
+    assert same[names.PROBE_SAME_TASK_COSINE].item() == pytest.approx(1.0)
+    assert same[names.PROBE_RETRIEVAL_ACC].item() == 1.0
+    assert same[names.PROBE_DIFF_TASK_COSINE].item() < 0.5
     collapsed = probe_statistics(torch.ones(8, 16), torch.ones(8, 16))
-    assert collapsed["probe_retrieval_acc"].item() == 0.0  # ties are misses, not lucky hits
-    assert collapsed["probe_diff_task_cosine"].item() == pytest.approx(1.0)
+    assert collapsed[names.PROBE_RETRIEVAL_ACC].item() == 0.0  # ties are misses, not lucky hits
+    assert collapsed[names.PROBE_DIFF_TASK_COSINE].item() == pytest.approx(1.0)
     swapped = probe_statistics(a, a.roll(1, dims=0))  # B finds the wrong task everywhere
-    assert swapped["probe_retrieval_acc"].item() == 0.0
+    assert swapped[names.PROBE_RETRIEVAL_ACC].item() == 0.0
 
 
 def test_drift_statistics():
     a = _context(B=8, seed=4)
-    assert drift_statistics(a, a)["probe_drift_cosine"].item() == pytest.approx(0.0, abs=1e-12)
+    assert drift_statistics(a, a)[names.PROBE_DRIFT_COSINE].item() == pytest.approx(0.0, abs=1e-12)
     doubled = drift_statistics(2 * a, a)
-    assert doubled["probe_drift_cosine"].item() == pytest.approx(0.0, abs=1e-12)
-    assert doubled["probe_drift_rel_l2"].item() == pytest.approx(1.0)
-    assert drift_statistics(-a, a)["probe_drift_cosine"].item() == pytest.approx(2.0)
+    assert doubled[names.PROBE_DRIFT_COSINE].item() == pytest.approx(0.0, abs=1e-12)
+    assert doubled[names.PROBE_DRIFT_REL_L2].item() == pytest.approx(1.0)
+    assert drift_statistics(-a, a)[names.PROBE_DRIFT_COSINE].item() == pytest.approx(2.0)
 
 
 # ------------------------------------------------------------------------------------- rules
@@ -167,22 +172,22 @@ def test_accuracy_collapse_fires_within_patience_after_the_fall():
     series = [0.1, 0.3, 0.5, 0.7, 0.7, 0.05, 0.05, 0.05, 0.05, 0.05]
     fall = series.index(0.05)
     for patience in (1, 2, 3):
-        rule = AccuracyCollapseRule(drop=0.5, min_peak=0.2, patience=patience)
+        rule = AccuracyCollapse(drop=0.5, min_peak=0.2, patience=patience)
         fired = _feed(rule, "train/accuracy", series)
         assert fired == [fall + patience - 1], (patience, fired)  # once, not at every later check
-    alert = AccuracyCollapseRule(0.5, 0.2, 1).update({"train/accuracy": 0.7}, 1)
+    alert = AccuracyCollapse(0.5, 0.2, 1).update({"train/accuracy": 0.7}, 1)
     assert alert is None
 
 
 def test_accuracy_that_holds_does_not_fire():
-    rule = AccuracyCollapseRule(drop=0.5, min_peak=0.2, patience=2)
+    rule = AccuracyCollapse(drop=0.5, min_peak=0.2, patience=2)
     assert _feed(rule, "train/accuracy", [0.1, 0.3, 0.5, 0.7, 0.7, 0.68, 0.69, 0.68, 0.68]) == []
-    low = AccuracyCollapseRule(drop=0.5, min_peak=0.2, patience=1)
+    low = AccuracyCollapse(drop=0.5, min_peak=0.2, patience=1)
     assert _feed(low, "train/accuracy", [0.1, 0.15, 0.01, 0.0]) == []  # the peak never passed min_peak
 
 
 def test_accuracy_alert_record():
-    rule = AccuracyCollapseRule(drop=0.5, min_peak=0.2, patience=1)
+    rule = AccuracyCollapse(drop=0.5, min_peak=0.2, patience=1)
     rule.update({"train/accuracy": 0.7}, 10)
     alert = rule.update({"train/accuracy": 0.05, "other": 1.0}, 20)
     assert alert.rule == "accuracy_collapse" and alert.step == 20 and alert.action == "warn"
@@ -192,15 +197,15 @@ def test_accuracy_alert_record():
 
 
 def test_rising_rule_needs_patience_consecutive_rises():
-    rule = RisingRule(patience=3)
+    rule = QHaltRising(patience=3)
     assert _feed(rule, "train/q_halt_loss", [0.05, 0.06, 0.07, 0.065, 0.07, 0.08, 0.09, 0.1]) == [6]
-    strict = RisingRule(patience=2, min_rise=0.5)
+    strict = QHaltRising(patience=2, min_rise=0.5)
     assert _feed(strict, "train/q_halt_loss", [1.0, 1.1, 1.2, 1.3]) == []
-    assert _feed(RisingRule(patience=2, min_rise=0.5), "train/q_halt_loss", [2.0, 3.1, 4.7]) == [2]
+    assert _feed(QHaltRising(patience=2, min_rise=0.5), "train/q_halt_loss", [2.0, 3.1, 4.7]) == [2]
 
 
 def test_representation_rule_streaks_and_rearms():
-    rule = RepresentationCollapseRule(min_normalized_var=0.01, max_cross_task_cosine=0.99, patience=2)
+    rule = RepresentationCollapse(min_normalized_var=0.01, max_cross_task_cosine=0.99, patience=2)
     nv, cos = "diagnostics/encoder_normalized_var", "diagnostics/encoder_cross_task_cosine"
     checks = [
         {nv: 0.5, cos: 0.5},
@@ -217,10 +222,10 @@ def test_representation_rule_streaks_and_rearms():
 
 
 def test_drift_and_nonfinite_rules():
-    drift = DriftRule(max_drift_cosine=0.1, max_drift_rel_l2=None, patience=2)
+    drift = ProbeDrift(max_probe_drift_cosine=0.1, max_probe_drift_rel_l2=None, patience=2)
     key = "diagnostics/probe_drift_cosine"
     assert _feed(drift, key, [0.01, 0.2, 0.05, 0.2, 0.3]) == [4]
-    nonfinite = NonFiniteRule("raise")
+    nonfinite = NonFinite("raise")
     assert nonfinite.update({"nonfinite_loss_ranks": 0.0, "nonfinite_grad_ranks": 0.0}) is None
     alert = nonfinite.update({"nonfinite_loss_ranks": 1.0, "nonfinite_grad_ranks": 0.0}, 7)
     assert alert.action == "raise" and alert.step == 7 and "1 rank(s)" in alert.message
@@ -228,11 +233,36 @@ def test_drift_and_nonfinite_rules():
 
 def test_rule_arguments_are_checked():
     with pytest.raises(ValueError):
-        AccuracyCollapseRule(drop=1.5, min_peak=0.2)
+        AccuracyCollapse(drop=1.5, min_peak=0.2)
     with pytest.raises(ValueError):
-        RisingRule(patience=0)
+        QHaltRising(patience=0)
     with pytest.raises(ValueError):
-        NonFiniteRule("explode")
+        NonFinite("explode")
+    with pytest.raises(ValueError, match="leave the rule out"):
+        RepresentationCollapse(min_normalized_var=None, max_cross_task_cosine=None)
+    with pytest.raises(ValueError, match="leave the rule out"):
+        ProbeDrift(max_probe_drift_cosine=None, max_probe_drift_rel_l2=None)
+
+
+def test_default_rules_keep_the_documented_thresholds():
+    """CollapseAlert() without rules checks these, as it did when the thresholds were its own arguments."""
+    rules = default_rules()
+    assert [(type(r), r.name, r.patience, r.action) for r in rules] == [
+        (NonFinite, "nonfinite", 1, "stop"),
+        (RepresentationCollapse, "representation_collapse", 3, "warn"),
+        (ProbeDrift, "drift", 2, "warn"),
+        (AccuracyCollapse, "accuracy_collapse", 3, "warn"),
+        (QHaltRising, "q_halt_rising", 8, "warn"),
+    ]
+    nonfinite, collapse, drift, accuracy, q_halt = rules
+    assert nonfinite.check_gradients and nonfinite.checked_during_warmup
+    assert not any(r.checked_during_warmup for r in rules[1:])
+    assert collapse.thresholds() == {"min_normalized_var": 0.01, "max_cross_task_cosine": 0.99}
+    assert drift.thresholds() == {"max_probe_drift_cosine": 0.3, "max_probe_drift_rel_l2": None}
+    assert (accuracy.drop, accuracy.min_peak, accuracy.keys) == (0.5, 0.2, ("train/accuracy",))
+    assert (q_halt.min_rise, q_halt.keys) == (0.0, ("train/q_halt_loss",))
+    assert collapse.keys == ("diagnostics/encoder_normalized_var", "diagnostics/encoder_cross_task_cosine")
+    assert drift.keys == ("diagnostics/probe_drift_cosine", "diagnostics/probe_drift_rel_l2")
 
 
 # ------------------------------------------------------------------------------------- reliance, grads
@@ -280,3 +310,17 @@ def test_probe_batch_is_fixed_aligned_and_unseen_in_training(synthetic_task_dir,
     again = dm.probe_batch(5, views=2)
     assert all(torch.equal(batch[k], again[k]) for k in batch)
     assert dm.probe_batch(50)["inputs"].shape[0] == 2 * len(dm.train_tasks)
+
+
+def test_the_arc_recipe_spells_out_the_default_rules():
+    from pathlib import Path
+
+    import yaml
+
+    import callbacks.alert_rules as alert_rules
+
+    config = yaml.safe_load((Path(__file__).resolve().parents[2] / "configs/arc1/encoder_trm.yaml").read_text())
+    (alert,) = [c for c in config["trainer"]["callbacks"] if c["class_path"] == "callbacks.CollapseAlert"]
+    spelled = [getattr(alert_rules, r["class_path"])(**r.get("init_args", {})) for r in alert["init_args"]["rules"]]
+    assert [(type(r), r.thresholds(), r.patience, r.action, r.keys) for r in spelled] == [
+        (type(r), r.thresholds(), r.patience, r.action, r.keys) for r in default_rules()]

@@ -11,6 +11,7 @@ from trm_lightning.errors import ConfigError
 from trm_lightning.report.runs import Run, Skipped, load_runs
 from trm_lightning.report.summary import Row, link_checkpoint_runs, build_row
 from trm_lightning.report.tables import markdown, write_csv
+from trm_lightning.run_files import REPORT_CSV, REPORT_DIR, REPORT_MARKDOWN
 
 DEFAULT_STALE_AFTER_S = 1800.0
 
@@ -84,7 +85,7 @@ def build_report(runs_dir: str | Path, baseline: str | None = None, out: str | P
     runs_dir = Path(runs_dir)
     if not runs_dir.is_dir():
         raise ConfigError(f"report: {runs_dir} is not a directory")
-    out_dir = Path(out) if out is not None else runs_dir / "report"
+    out_dir = Path(out) if out is not None else runs_dir / REPORT_DIR
     runs, skipped = load_runs(runs_dir, exclude=(out_dir,))
     base = pick_baseline(runs, baseline, runs_dir)
     now = time.time() if now is None else now
@@ -97,7 +98,7 @@ def build_report(runs_dir: str | Path, baseline: str | None = None, out: str | P
         from trm_lightning.report.plots import write_plots  # matplotlib only when plots are made
 
         pngs = write_plots(runs, out_dir)
-    md_path, csv_path = out_dir / "report.md", out_dir / "report.csv"
+    md_path, csv_path = out_dir / REPORT_MARKDOWN, out_dir / REPORT_CSV
     md_path.write_text(markdown(rows, skipped, base.id if base else None, pngs, str(runs_dir)))
     write_csv(rows, csv_path)
     return Report(rows, runs, skipped, base.id if base else None, out_dir, md_path, csv_path, pngs)

@@ -13,15 +13,17 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
+from trm_lightning import metric_names as names
 from trm_lightning.report.runs import Run, Series
 from trm_lightning.report.summary import DIAGNOSTICS, measured_train_accuracy
 
+TRAIN_ACCURACIES = (names.TRAIN_ACCURACY, names.TRAIN_EXACT_ACCURACY)  # counted on halted rows only
 #: figure name -> the tags it shows (``lr/*``: every learning-rate tag any run logged, one panel each)
 FIGURES: dict[str, tuple[str, ...]] = {
-    "accuracy": ("train/accuracy", "train/exact_accuracy", "val/accuracy", "val/exact_accuracy"),
-    "q_halt_loss": ("train/q_halt_loss", "val/q_halt_loss"),
+    "accuracy": (*TRAIN_ACCURACIES, names.VAL_ACCURACY, names.VAL_EXACT_ACCURACY),
+    "q_halt_loss": (names.TRAIN_Q_HALT_LOSS, names.VAL_Q_HALT_LOSS),
     "diagnostics": DIAGNOSTICS,
-    "lr": ("lr/*",),
+    "lr": (names.LR_PREFIX + "*",),
 }
 
 
@@ -38,7 +40,7 @@ def _tags(runs: Sequence[Run], patterns: Sequence[str]) -> list[str]:
 
 def series(run: Run, tag: str) -> Series:
     """What a panel draws: train accuracies only where rows halted, everything else as logged."""
-    if tag in ("train/accuracy", "train/exact_accuracy"):
+    if tag in TRAIN_ACCURACIES:
         return measured_train_accuracy(run, tag)
     return run.scalars.get(tag, [])
 

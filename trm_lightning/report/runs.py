@@ -3,7 +3,8 @@
 A run directory is what ``TensorBoardLogger`` makes: ``<runs>/<name>/version_<n>/`` holding ``config.yaml``
 (LightningCLI), ``events.out.tfevents.*``, and where present ``experiment.json`` (config files, hypothesis),
 ``status.json`` (:mod:`callbacks.run_status`), ``alerts.jsonl`` (:mod:`callbacks.collapse_alert`) and
-``eval_details.json`` (``trm test``). Anything else met on the way is skipped with a one-line reason.
+``eval_details.json`` (``trm test``); the names are :mod:`trm_lightning.run_files`. Anything else met on the way
+is skipped with a one-line reason.
 
 Steps: TensorBoard stores a value logged during optimizer step k (1-based) at step k - 1; this module adds 1,
 so every step here is an optimizer step, the unit of ``alerts.jsonl`` and ``trainer.global_step``.
@@ -21,17 +22,21 @@ from typing import Any
 
 import yaml
 
-from callbacks.run_status import STATUS_FILE, read_status
+from callbacks.run_status import read_status
 from trm_lightning.report.config_diff import flatten_config
+from trm_lightning.run_files import (
+    ALERTS_FILE,
+    CONFIG_FILE,
+    EVAL_DETAILS_FILE,
+    EVENTS_PREFIX,
+    EXPERIMENT_FILE,
+    REPORT_CSV,
+    REPORT_MARKDOWN,
+    RUN_FILES,
+)
 
-CONFIG_FILE = "config.yaml"
-EXPERIMENT_FILE = "experiment.json"  # written by trm_lightning.cli.RecordingSaveConfig
-ALERTS_FILE = "alerts.jsonl"
-EVAL_DETAILS_FILE = "eval_details.json"
-EVENTS_PREFIX = "events.out.tfevents."
-RUN_FILES = (CONFIG_FILE, EXPERIMENT_FILE, STATUS_FILE, ALERTS_FILE, EVAL_DETAILS_FILE)
 VERSION_DIR = re.compile(r"version_\d+$")
-REPORT_FILES = {"report.md", "report.csv"}  # a folder holding both is a report's output, never scanned
+REPORT_FILES = {REPORT_MARKDOWN, REPORT_CSV}  # a folder holding both is a report's output, never scanned
 
 Series = list[tuple[int, float]]
 

@@ -6,27 +6,14 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from callbacks.alert_rules import STOPPING_ACTIONS
+from trm_lightning import metric_names as names
 from trm_lightning.report.config_diff import Change, config_diff
 from trm_lightning.report.runs import Run, Series
+from trm_lightning.run_files import CHECKPOINT_DIR
 
-STOP_ACTIONS = ("stop", "raise")
-TRAIN_ACCURACY = "train/accuracy"
-TRAIN_COUNT = "train/count"  # rows that halted since the last log: 0 means no accuracy was measured
-VAL_EXACT = "val/exact_accuracy"
-PASS_AT_2 = "ARC/pass@2"
-#: the seed's three, then the scale-invariant batch statistics, then the probe set (callbacks/encoder_diagnostics.py)
-DIAGNOSTICS = (
-    "diagnostics/encoder_cross_sample_var",
-    "diagnostics/encoder_output_mean",
-    "diagnostics/encoder_output_std",
-    "diagnostics/encoder_normalized_var",
-    "diagnostics/encoder_l2n_std",
-    "diagnostics/encoder_cross_task_cosine",
-    "diagnostics/encoder_effective_rank",
-    "diagnostics/probe_same_task_cosine",
-    "diagnostics/probe_diff_task_cosine",
-    "diagnostics/probe_retrieval_acc",
-)
+#: the diagnostics in the table: the seed's three, the scale-invariant batch statistics, the probe set
+DIAGNOSTICS = names.BATCH_DIAGNOSTICS + names.PROBE_DIAGNOSTICS
 
 
 @dataclass
@@ -58,10 +45,10 @@ class Row:
     checkpoint_from: str | None = None  # the run whose checkpoint this one tested or resumed
 
 
-def measured_train_accuracy(run: Run, key: str = TRAIN_ACCURACY) -> Series:
+def measured_train_accuracy(run: Run, key: str = names.TRAIN_ACCURACY) -> Series:
     """``key`` at the logged steps where some row halted (the module writes 0 when none did)."""
     series = run.scalars.get(key, [])
-    counts = dict(run.scalars.get(TRAIN_COUNT, []))
+    counts = dict(run.scalars.get(names.TRAIN_COUNT, []))
     return [(s, v) for s, v in series if counts.get(s, 1.0) > 0]
 
 
@@ -84,7 +71,7 @@ def run_status(run: Run, now: float, stale_after_s: float) -> tuple[str, str]:
     """(status, detail) from ``status.json``, ``alerts.jsonl`` and how recently the run wrote anything."""
     record = run.status.get(primary_stage(run) or "", None)
     state = record.get("status") if record else None
-    stop = next((a for a in sorted(run.alerts, key=lambda a: a["step"]) if a.get("action") in STOP_ACTIONS), None)
+    stop = next((a for a in sorted(run.alerts, key=lambda a: a["step"]) if a.get("action") in STOPPING_ACTIONS), None)
     idle = now - run.last_write
     if state in (None, "running"):
         if idle <= stale_after_s:
@@ -128,7 +115,7 @@ def _pass_at_2(run: Run) -> tuple[float | None, int | None, float | None]:
     entry = ((run.eval_details or {}).get("pass_at_k") or {}).get("2")
     if isinstance(entry, dict) and "solved" in entry and "tasks" in entry:
         return float(entry["solved"]), int(entry["tasks"]), float(entry.get("percent", 0.0))
-    series = run.scalars.get(PASS_AT_2)
+    series = run.scalars.get(names.pass_at(2))
     return (None, None, series[-1][1]) if series else (None, None, None)
 
 
@@ -137,7 +124,7 @@ def checkpoint_source(run: Run, candidates: list[Run]) -> Run | None:
     resumed fit): the run at that exact path, else, for a relative ``ckpt_path``, the one run whose id ends the
     checkpoint's run directory."""
     ckpt = run.config.get("ckpt_path")
-    if not isinstance(ckpt, str) or Path(ckpt).parent.name != "checkpoints":
+    if not isinstance(ckpt, str) or Path(ckpt).parent.name != CHECKPOINT_DIR:
         return None
     target = Path(ckpt).parent.parent
     others = [c for c in candidates if c is not run]
@@ -153,7 +140,7 @@ def build_row(run: Run, baseline: Run | None, now: float, stale_after_s: float) 
     steps, wall = _steps_and_wall(run, now)
     train = measured_train_accuracy(run)
     peak, peak_step = _peak(train)
-    val_best, val_step = _peak(run.scalars.get(VAL_EXACT, []))
+    val_best, val_step = _peak(run.scalars.get(names.VAL_EXACT_ACCURACY, []))
     solved, tasks, percent = _pass_at_2(run)
     alerts = sorted(run.alerts, key=lambda a: a["step"])
     diag_series = run.scalars.get(DIAGNOSTICS[0], [])

@@ -1,0 +1,315 @@
+"""The rules :class:`callbacks.CollapseAlert` checks: one small class per known failure of encoder-TRM training.
+
+Each rule has its thresholds, a ``patience`` (consecutive checks) and an ``action`` (``warn``, ``stop`` or
+``raise``), all typed ``__init__`` arguments, so a YAML list selects and tunes them by ``class_path`` (a short
+name such as ``RepresentationCollapse`` resolves) and ``trm fit --help`` documents them. What each reads:
+
+- :class:`RepresentationCollapse` (record name ``representation_collapse``): ``diagnostics/encoder_normalized_var``
+  below ``min_normalized_var``, or ``diagnostics/encoder_cross_task_cosine`` above ``max_cross_task_cosine``;
+- :class:`ProbeDrift` (``drift``): ``diagnostics/probe_drift_cosine`` above ``max_probe_drift_cosine``, or
+  ``diagnostics/probe_drift_rel_l2`` above ``max_probe_drift_rel_l2`` (EncoderDiagnostics' probe);
+- :class:`AccuracyCollapse` (``accuracy_collapse``): ``train/accuracy`` below ``(1 - drop) x`` its running peak,
+  once the peak has reached ``min_peak`` (the seed's E0 failure: 0.7 down to 0);
+- :class:`QHaltRising` (``q_halt_rising``): ``train/q_halt_loss`` higher than at the previous check, ``patience``
+  checks in a row (each rise by more than ``min_rise`` relative);
+- :class:`NonFinite` (``nonfinite``): a non-finite training loss or gradient on any rank since the previous check
+  (CollapseAlert counts them every step). Patience 1; the only rule checked during ``warmup_steps``.
+
+A rule fires when its condition has held for ``patience`` consecutive checks in which its inputs were fresh, then
+again only after the condition has cleared. :func:`default_rules` is the list CollapseAlert uses without one.
+
+A new rule is a subclass of :class:`AlertRule` with ``name``, ``keys`` (the metric names it reads),
+:meth:`~AlertRule.thresholds`, :meth:`~AlertRule.condition` and :meth:`~AlertRule.describe`.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+from trm_lightning import metric_names as names
+
+Action = Literal["warn", "stop", "raise"]
+ACTIONS = ("warn", "stop", "raise")
+STOPPING_ACTIONS = ("stop", "raise")  # save a checkpoint and end the fit
+
+# the values CollapseAlert gives NonFinite at each check (also the ``values`` of its alert record)
+NONFINITE_LOSS_RANKS = "nonfinite_loss_ranks"
+NONFINITE_GRAD_RANKS = "nonfinite_grad_ranks"
+FIRST_NONFINITE_STEP = "first_nonfinite_step"
+
+
+@dataclass
+class Alert:
+    """One firing of a rule (a line of ``alerts.jsonl``)."""
+
+    step: int
+    rule: str
+    action: str
+    values: dict[str, float]
+    thresholds: dict[str, float | None]
+    patience: int
+    message: str = field(default="")
+
+
+class AlertRule(ABC):
+    """A condition checked on fresh values; fires after ``patience`` consecutive true checks.
+
+    Subclasses set ``name`` (the record's ``rule``) and ``keys`` (the names they read) and define
+    :meth:`thresholds`, :meth:`condition` and :meth:`describe`. :meth:`update` returns an :class:`Alert` when the
+    rule fires, else None; checks where none of ``keys`` is present are skipped (they neither extend nor break a
+    streak).
+
+    Args:
+        patience: consecutive checks the condition must hold before the rule fires.
+        action: ``warn`` reports; ``stop`` also saves a checkpoint and ends the fit; ``raise`` saves one and aborts.
+    """
+
+    name = "rule"
+    keys: tuple[str, ...] = ()
+    #: checked at every check, also before CollapseAlert's ``warmup_steps``
+    checked_during_warmup = False
+
+    def __init__(self, patience: int = 1, action: Action = "warn") -> None:
+        if patience < 1:
+            raise ValueError(f"{self.name}: patience must be >= 1, got {patience}")
+        if action not in ACTIONS:
+            raise ValueError(f"{self.name}: action must be one of {ACTIONS}, got {action!r}")
+        self.patience = patience
+        self.action = action
+        self.streak = 0
+
+    @abstractmethod
+    def thresholds(self) -> dict[str, float | None]:
+        """The limits this rule compares against, as written in the alert record."""
+
+    @abstractmethod
+    def condition(self, values: Mapping[str, float]) -> bool:
+        """True when ``values`` break the rule at this check."""
+
+    @abstractmethod
+    def describe(self, values: Mapping[str, float]) -> str:
+        """What happened, in one line, for the warning and the record."""
+
+    def update(self, values: Mapping[str, float], step: int = 0) -> Alert | None:
+        seen = {k: float(values[k]) for k in self.keys if k in values}
+        if not seen:
+            return None
+        if not self.condition(seen):
+            self.streak = 0
+            return None
+        self.streak += 1
+        if self.streak != self.patience:
+            return None
+        message = (
+            f"CollapseAlert [{self.name}] at step {step}: {self.describe(seen)}; "
+            f"{self.patience} check(s) in a row; action: {self.action}"
+        )
+        return Alert(step, self.name, self.action, seen, self.thresholds(), self.patience, message)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.thresholds()}, patience={self.patience}, action={self.action!r})"
+
+
+def _over(values: Mapping[str, float], key: str, limit: float | None) -> bool:
+    return limit is not None and key in values and values[key] > limit
+
+
+def _under(values: Mapping[str, float], key: str, limit: float | None) -> bool:
+    return limit is not None and key in values and values[key] < limit
+
+
+class RepresentationCollapse(AlertRule):
+    """The encoder says the same thing for every task: low normalised variance or high cross-task cosine.
+
+    Args:
+        min_normalized_var: fires below this ``diagnostics/encoder_normalized_var`` (None: not tested).
+        max_cross_task_cosine: fires above this ``diagnostics/encoder_cross_task_cosine`` (None: not tested).
+        patience: consecutive batch-statistics checks before it fires.
+        action: warn, stop or raise.
+    """
+
+    name = "representation_collapse"
+    keys = (names.ENCODER_NORMALIZED_VAR, names.ENCODER_CROSS_TASK_COSINE)
+
+    def __init__(self, min_normalized_var: float | None = 0.01, max_cross_task_cosine: float | None = 0.99,
+                 patience: int = 3, action: Action = "warn") -> None:
+        super().__init__(patience, action)
+        if min_normalized_var is None and max_cross_task_cosine is None:
+            raise ValueError(f"{self.name}: both thresholds are None; leave the rule out of the list instead")
+        self.min_normalized_var = min_normalized_var
+        self.max_cross_task_cosine = max_cross_task_cosine
+
+    def thresholds(self):
+        return {"min_normalized_var": self.min_normalized_var, "max_cross_task_cosine": self.max_cross_task_cosine}
+
+    def condition(self, values) -> bool:
+        return (_under(values, names.ENCODER_NORMALIZED_VAR, self.min_normalized_var)
+                or _over(values, names.ENCODER_CROSS_TASK_COSINE, self.max_cross_task_cosine))
+
+    def describe(self, values) -> str:
+        parts = []
+        if _under(values, names.ENCODER_NORMALIZED_VAR, self.min_normalized_var):
+            parts.append(f"encoder_normalized_var={values[names.ENCODER_NORMALIZED_VAR]:.4g} "
+                         f"< {self.min_normalized_var}")
+        if _over(values, names.ENCODER_CROSS_TASK_COSINE, self.max_cross_task_cosine):
+            parts.append(f"encoder_cross_task_cosine={values[names.ENCODER_CROSS_TASK_COSINE]:.4f} "
+                         f"> {self.max_cross_task_cosine}")
+        return " and ".join(parts) + " (the encoder says the same thing for every task)"
+
+
+class ProbeDrift(AlertRule):
+    """The probe tasks' encodings move between two probe checks by more than a threshold.
+
+    Args:
+        max_probe_drift_cosine: fires above this ``diagnostics/probe_drift_cosine`` (mean 1 - cos to the previous
+            probe check; None: not tested).
+        max_probe_drift_rel_l2: fires above this ``diagnostics/probe_drift_rel_l2`` (None: not tested).
+        patience: consecutive probe checks before it fires.
+        action: warn, stop or raise.
+    """
+
+    name = "drift"
+    keys = names.DRIFT_DIAGNOSTICS
+
+    def __init__(self, max_probe_drift_cosine: float | None = 0.3, max_probe_drift_rel_l2: float | None = None,
+                 patience: int = 2, action: Action = "warn") -> None:
+        super().__init__(patience, action)
+        if max_probe_drift_cosine is None and max_probe_drift_rel_l2 is None:
+            raise ValueError(f"{self.name}: both thresholds are None; leave the rule out of the list instead")
+        self.max_probe_drift_cosine = max_probe_drift_cosine
+        self.max_probe_drift_rel_l2 = max_probe_drift_rel_l2
+
+    def _limits(self) -> tuple[tuple[str, float | None], ...]:
+        return ((names.PROBE_DRIFT_COSINE, self.max_probe_drift_cosine),
+                (names.PROBE_DRIFT_REL_L2, self.max_probe_drift_rel_l2))
+
+    def thresholds(self):
+        return {"max_probe_drift_cosine": self.max_probe_drift_cosine,
+                "max_probe_drift_rel_l2": self.max_probe_drift_rel_l2}
+
+    def condition(self, values) -> bool:
+        return any(_over(values, key, limit) for key, limit in self._limits())
+
+    def describe(self, values) -> str:
+        parts = [f"{key.split('/')[-1]}={values[key]:.4g} > {limit}"
+                 for key, limit in self._limits() if _over(values, key, limit)]
+        return " and ".join(parts) + " (the probe tasks' encodings are moving: the TRM sees a shifting input)"
+
+
+class AccuracyCollapse(AlertRule):
+    """The training accuracy falls below ``(1 - drop) x`` its running peak, once the peak reached ``min_peak``.
+
+    Args:
+        drop: the fraction of the peak lost before it counts, in (0, 1).
+        min_peak: the rule is armed once the peak reaches this.
+        patience: consecutive checks below the floor before it fires.
+        action: warn, stop or raise.
+        key: the accuracy it follows (a ``train/`` metric the module logs).
+    """
+
+    name = "accuracy_collapse"
+
+    def __init__(self, drop: float = 0.5, min_peak: float = 0.2, patience: int = 3, action: Action = "warn",
+                 key: str = names.TRAIN_ACCURACY) -> None:
+        super().__init__(patience, action)
+        if not 0.0 < drop < 1.0:
+            raise ValueError(f"{self.name}: drop must be in (0, 1), got {drop}")
+        self.drop = drop
+        self.min_peak = min_peak
+        self.key = key
+        self.keys = (key,)
+        self.peak = -math.inf
+
+    def thresholds(self):
+        return {"drop": self.drop, "min_peak": self.min_peak, "peak": self.peak,
+                "floor": (1 - self.drop) * self.peak}
+
+    def condition(self, values) -> bool:
+        value = values[self.key]
+        if math.isfinite(value):
+            self.peak = max(self.peak, value)
+        return self.peak >= self.min_peak and value < (1 - self.drop) * self.peak
+
+    def describe(self, values) -> str:
+        return (f"{self.key}={values[self.key]:.4f} < (1 - {self.drop}) x peak {self.peak:.4f} "
+                f"(training accuracy collapsed)")
+
+
+class QHaltRising(AlertRule):
+    """The halting loss rose at each of the last ``patience`` checks: the halting head is losing calibration.
+
+    A weak detector on small, noisy batches (a slow rise under noise rarely rises at every check), so it only warns
+    by default.
+
+    Args:
+        patience: consecutive rising checks before it fires.
+        min_rise: a check counts as rising when the loss grew by more than this fraction.
+        action: warn, stop or raise.
+        key: the loss it follows (a ``train/`` metric the module logs).
+    """
+
+    name = "q_halt_rising"
+
+    def __init__(self, patience: int = 8, min_rise: float = 0.0, action: Action = "warn",
+                 key: str = names.TRAIN_Q_HALT_LOSS) -> None:
+        super().__init__(patience, action)
+        self.min_rise = min_rise
+        self.key = key
+        self.keys = (key,)
+        self.previous: float | None = None
+
+    def thresholds(self):
+        return {"min_rise": self.min_rise, "previous": self.previous}
+
+    def condition(self, values) -> bool:
+        value, previous = values[self.key], self.previous
+        self.previous = value
+        return previous is not None and value > previous * (1 + self.min_rise)
+
+    def describe(self, values) -> str:
+        return f"{self.key}={values[self.key]:.4g} rose at each check (halting head losing calibration)"
+
+
+class NonFinite(AlertRule):
+    """A non-finite loss or gradient on any rank since the previous check (its values: counts of ranks).
+
+    CollapseAlert tests ``outputs["loss"]`` (per rank) at every step and, with ``check_gradients``, the gradients
+    before clipping; the counts are summed over ranks at each check. Patience 1, checked during warmup too.
+
+    Args:
+        action: warn, stop or raise.
+        check_gradients: also test the gradients at every step (skipped under 16-mixed precision, whose GradScaler
+            skips such steps by design).
+    """
+
+    name = "nonfinite"
+    keys = (NONFINITE_LOSS_RANKS, NONFINITE_GRAD_RANKS, FIRST_NONFINITE_STEP)
+    checked_during_warmup = True
+
+    def __init__(self, action: Action = "stop", check_gradients: bool = True) -> None:
+        super().__init__(1, action)
+        self.check_gradients = check_gradients
+
+    def thresholds(self):
+        return {"max_nonfinite_ranks": 0}
+
+    def condition(self, values) -> bool:
+        return values.get(NONFINITE_LOSS_RANKS, 0) > 0 or values.get(NONFINITE_GRAD_RANKS, 0) > 0
+
+    def describe(self, values) -> str:
+        first = values.get(FIRST_NONFINITE_STEP, math.inf)
+        where = f", first at step {int(first)}" if math.isfinite(first) else ""
+        return (f"non-finite loss on {int(values.get(NONFINITE_LOSS_RANKS, 0))} rank(s), "
+                f"non-finite gradients on {int(values.get(NONFINITE_GRAD_RANKS, 0))} rank(s){where}")
+
+
+def default_rules() -> list[AlertRule]:
+    """What CollapseAlert checks without a ``rules`` list, in this order: :class:`NonFinite` (stop),
+    :class:`RepresentationCollapse` (normalised variance < 0.01 or cross-task cosine > 0.99, 3 checks),
+    :class:`ProbeDrift` (cosine drift > 0.3, 2 probe checks), :class:`AccuracyCollapse` (half the peak lost once it
+    passed 0.2, 3 checks) and :class:`QHaltRising` (8 rising checks); all but NonFinite only warn."""
+    return [NonFinite(), RepresentationCollapse(), ProbeDrift(), AccuracyCollapse(), QHaltRising()]
