@@ -14,9 +14,10 @@ from callbacks.encoder_diagnostics import EncoderDiagnostics
 from callbacks.grad_norms import GradNorms
 from callbacks.grid_images import GridImages
 from callbacks.last_checkpoint import LastCheckpoint
+from callbacks.lr_monitor import LearningRates
 from callbacks.run_status import RunStatus
 from callbacks.run_summary import RunSummary
 
 __all__ = ["AccuracyCollapse", "AlertRule", "CollapseAlert", "CollapseAlertError", "ContextReliance",
-           "EncoderDiagnostics", "GradNorms", "GridImages", "LastCheckpoint", "NonFinite", "ProbeDrift", "QHaltRising",
+           "EncoderDiagnostics", "GradNorms", "GridImages", "LastCheckpoint", "LearningRates", "NonFinite", "ProbeDrift", "QHaltRising",
            "RepresentationCollapse", "RunStatus", "RunSummary"]

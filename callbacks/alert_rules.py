@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from trm_lightning import metric_names as names
+from trm_lightning.checks import check_at_least, check_range
+from trm_lightning.errors import ConfigError
 
 Action = Literal["warn", "stop", "raise"]
 ACTIONS = ("warn", "stop", "raise")
@@ -74,10 +76,9 @@ class AlertRule(ABC):
     checked_during_warmup = False
 
     def __init__(self, patience: int = 1, action: Action = "warn") -> None:
-        if patience < 1:
-            raise ValueError(f"{self.name}: patience must be >= 1, got {patience}")
+        check_at_least(f"{type(self).__name__}.patience", patience, 1)
         if action not in ACTIONS:
-            raise ValueError(f"{self.name}: action must be one of {ACTIONS}, got {action!r}")
+            raise ConfigError(f"{type(self).__name__}.action must be one of {ACTIONS}, got {action!r}")
         self.patience = patience
         self.action = action
         self.streak = 0
@@ -139,7 +140,9 @@ class RepresentationCollapse(AlertRule):
                  patience: int = 3, action: Action = "warn") -> None:
         super().__init__(patience, action)
         if min_normalized_var is None and max_cross_task_cosine is None:
-            raise ValueError(f"{self.name}: both thresholds are None; leave the rule out of the list instead")
+            raise ConfigError(f"{type(self).__name__}: both thresholds are None; leave the rule out of the list instead")
+        check_at_least(f"{type(self).__name__}.min_normalized_var", min_normalized_var, 0, allow_none=True)
+        check_range(f"{type(self).__name__}.max_cross_task_cosine", max_cross_task_cosine, -1.0, 1.0, allow_none=True)
         self.min_normalized_var = min_normalized_var
         self.max_cross_task_cosine = max_cross_task_cosine
 
@@ -179,7 +182,9 @@ class ProbeDrift(AlertRule):
                  patience: int = 2, action: Action = "warn") -> None:
         super().__init__(patience, action)
         if max_probe_drift_cosine is None and max_probe_drift_rel_l2 is None:
-            raise ValueError(f"{self.name}: both thresholds are None; leave the rule out of the list instead")
+            raise ConfigError(f"{type(self).__name__}: both thresholds are None; leave the rule out of the list instead")
+        check_range(f"{type(self).__name__}.max_probe_drift_cosine", max_probe_drift_cosine, 0.0, 2.0, allow_none=True)
+        check_at_least(f"{type(self).__name__}.max_probe_drift_rel_l2", max_probe_drift_rel_l2, 0, allow_none=True)
         self.max_probe_drift_cosine = max_probe_drift_cosine
         self.max_probe_drift_rel_l2 = max_probe_drift_rel_l2
 
@@ -216,8 +221,8 @@ class AccuracyCollapse(AlertRule):
     def __init__(self, drop: float = 0.5, min_peak: float = 0.2, patience: int = 3, action: Action = "warn",
                  key: str = names.TRAIN_ACCURACY) -> None:
         super().__init__(patience, action)
-        if not 0.0 < drop < 1.0:
-            raise ValueError(f"{self.name}: drop must be in (0, 1), got {drop}")
+        check_range(f"{type(self).__name__}.drop", drop, 0.0, 1.0, low_open=True, high_open=True)
+        check_range(f"{type(self).__name__}.min_peak", min_peak, 0.0, 1.0)
         self.drop = drop
         self.min_peak = min_peak
         self.key = key
@@ -257,6 +262,7 @@ class QHaltRising(AlertRule):
     def __init__(self, patience: int = 8, min_rise: float = 0.0, action: Action = "warn",
                  key: str = names.TRAIN_Q_HALT_LOSS) -> None:
         super().__init__(patience, action)
+        check_at_least(f"{type(self).__name__}.min_rise", min_rise, 0)
         self.min_rise = min_rise
         self.key = key
         self.keys = (key,)

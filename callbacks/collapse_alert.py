@@ -41,7 +41,8 @@ from callbacks.alert_rules import (
 )
 from callbacks.helpers import MetricProducer, due, tensorboard_writers
 from callbacks.last_checkpoint import LastCheckpoint, weights_are_finite
-from trm_lightning.errors import TRMError
+from trm_lightning.checks import check_at_least
+from trm_lightning.errors import ConfigError, TRMError
 from trm_lightning.metric_names import is_train_metric
 from trm_lightning.run_files import ALERTS_FILE, alert_checkpoint_name, checkpoint_dir
 from trm_lightning.trainer_state import is_logging_step
@@ -79,11 +80,11 @@ class CollapseAlert(Callback):
         check_every_n_steps: int | None = None,
         warmup_steps: int = 0,
     ) -> None:
-        if check_every_n_steps is not None and check_every_n_steps < 1:
-            raise ValueError(f"check_every_n_steps must be >= 1 or None, got {check_every_n_steps}")
+        check_at_least("CollapseAlert.check_every_n_steps", check_every_n_steps, 1, allow_none=True)
+        check_at_least("CollapseAlert.warmup_steps", warmup_steps, 0)
         rules = default_rules() if rules is None else list(rules)
         if not rules:
-            raise ValueError("CollapseAlert: rules is empty; remove the callback to turn the alerts off")
+            raise ConfigError("CollapseAlert.rules is empty; remove the callback to turn the alerts off")
         self.rules: list[AlertRule] = rules
         self.check_every_n_steps = check_every_n_steps
         self.warmup_steps = warmup_steps

@@ -27,11 +27,13 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
 
+from trm_lightning.checks import check_at_least
 from trm_lightning.losses import row_accuracy
 from trm_lightning.metric_names import VAL, split_metric
 
-# positions in the per-epoch sums
-ROWS, EXACT, CELL, ZERO_EXACT, ZERO_CELL, SHUF_ROWS, SHUF_REAL_EXACT, SHUF_REAL_CELL, SHUF_EXACT, SHUF_CELL = range(10)
+ABLATIONS = ("zero", "shuffled")  # in the order they run
+# per ablation, summed over the epoch's rows: rows counted, real exact and cell accuracy, ablated exact and cell
+ROWS, REAL_EXACT, REAL_CELL, EXACT, CELL = range(5)
 
 
 def derangement(task_index: Tensor) -> Tensor | None:
@@ -52,6 +54,20 @@ def derangement(task_index: Tensor) -> Tensor | None:
     return perm.to(task_index.device)
 
 
+def ablation_metrics(sums: Tensor) -> dict[str, Tensor]:
+    """The logged values from the epoch's sums (one row per ablation of :data:`ABLATIONS`): accuracies with the
+    ablated context and the drops from the real one; an ablation that counted no row logs nothing."""
+    values = {}
+    for ablation, s in zip(ABLATIONS, sums):
+        rows = s[ROWS]
+        if rows > 0:
+            values[f"exact_accuracy_{ablation}_context"] = s[EXACT] / rows
+            values[f"accuracy_{ablation}_context"] = s[CELL] / rows
+            values[f"reliance_drop_{ablation}"] = (s[REAL_EXACT] - s[EXACT]) / rows
+            values[f"reliance_drop_{ablation}_cell"] = (s[REAL_CELL] - s[CELL]) / rows
+    return {split_metric(VAL, k): v for k, v in values.items()}
+
+
 class ContextReliance(Callback):
     """Re-runs the held-out validation batches with shuffled and zeroed contexts and logs the accuracy drop.
 
@@ -61,8 +77,8 @@ class ContextReliance(Callback):
     """
 
     def __init__(self, every_n_validations: int = 1, dataloader_idx: int = 0) -> None:
-        if every_n_validations < 1:
-            raise ValueError(f"every_n_validations must be >= 1, got {every_n_validations}")
+        check_at_least("ContextReliance.every_n_validations", every_n_validations, 1)
+        check_at_least("ContextReliance.dataloader_idx", dataloader_idx, 0)
         self.every_n_validations = every_n_validations
         self.dataloader_idx = dataloader_idx
         self._validations = 0
@@ -74,7 +90,7 @@ class ContextReliance(Callback):
             return
         self._validations += 1
         if self._validations % self.every_n_validations == 0:
-            self._sums = torch.zeros(10, dtype=torch.float64, device=pl_module.device)
+            self._sums = torch.zeros(len(ABLATIONS), 5, dtype=torch.float64, device=pl_module.device)
 
     def on_validation_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int, dataloader_idx: int = 0
@@ -84,25 +100,18 @@ class ContextReliance(Callback):
         labels = batch["labels"]
         has, exact, cell = row_accuracy(outputs["predictions"], labels)
         counted = has.double()
-        model, context = pl_module.model, outputs["context"]
-        with torch.no_grad(), trainer.precision_plugin.val_step_context():
-            zero_logits = model.rollout(batch, context=torch.zeros_like(context)).logits
-            perm = derangement(batch["task_index"])
-            shuf_logits = model.rollout(batch, context=context[perm]).logits if perm is not None else None
-        _, zero_exact, zero_cell = row_accuracy(zero_logits.argmax(-1), labels)
-        s = self._sums
-        s[ROWS] += counted.sum()
-        s[EXACT] += (exact.double() * counted).sum()
-        s[CELL] += (cell * counted).sum()
-        s[ZERO_EXACT] += (zero_exact.double() * counted).sum()
-        s[ZERO_CELL] += (zero_cell * counted).sum()
-        if shuf_logits is not None:
-            _, shuf_exact, shuf_cell = row_accuracy(shuf_logits.argmax(-1), labels)
-            s[SHUF_ROWS] += counted.sum()
-            s[SHUF_REAL_EXACT] += (exact.double() * counted).sum()
-            s[SHUF_REAL_CELL] += (cell * counted).sum()
-            s[SHUF_EXACT] += (shuf_exact.double() * counted).sum()
-            s[SHUF_CELL] += (shuf_cell * counted).sum()
+        context = outputs["context"]
+        perm = derangement(batch["task_index"])
+        contexts = {"zero": torch.zeros_like(context), "shuffled": context[perm] if perm is not None else None}
+        for i, ablation in enumerate(ABLATIONS):
+            if contexts[ablation] is None:  # one row: nothing to shuffle with
+                continue
+            with torch.no_grad(), trainer.precision_plugin.val_step_context():
+                logits = pl_module.model.rollout(batch, context=contexts[ablation]).logits
+            _, ablated_exact, ablated_cell = row_accuracy(logits.argmax(-1), labels)
+            parts = (counted, exact.double() * counted, cell * counted, ablated_exact.double() * counted,
+                     ablated_cell * counted)
+            self._sums[i] += torch.stack([p.sum() for p in parts])
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._sums is None:
@@ -110,18 +119,5 @@ class ContextReliance(Callback):
         sums, self._sums = self._sums, None
         if trainer.world_size > 1:  # every rank reaches here with its sums
             sums = trainer.strategy.reduce(sums, reduce_op="sum")
-        values: dict[str, Tensor] = {}
-        rows = sums[ROWS]
-        if rows > 0:
-            values[split_metric(VAL, "exact_accuracy_zero_context")] = sums[ZERO_EXACT] / rows
-            values[split_metric(VAL, "accuracy_zero_context")] = sums[ZERO_CELL] / rows
-            values[split_metric(VAL, "reliance_drop_zero")] = (sums[EXACT] - sums[ZERO_EXACT]) / rows
-            values[split_metric(VAL, "reliance_drop_zero_cell")] = (sums[CELL] - sums[ZERO_CELL]) / rows
-        shuf_rows = sums[SHUF_ROWS]
-        if shuf_rows > 0:
-            values[split_metric(VAL, "exact_accuracy_shuffled_context")] = sums[SHUF_EXACT] / shuf_rows
-            values[split_metric(VAL, "accuracy_shuffled_context")] = sums[SHUF_CELL] / shuf_rows
-            values[split_metric(VAL, "reliance_drop_shuffled")] = (sums[SHUF_REAL_EXACT] - sums[SHUF_EXACT]) / shuf_rows
-            values[split_metric(VAL, "reliance_drop_shuffled_cell")] = (sums[SHUF_REAL_CELL] - sums[SHUF_CELL]) / shuf_rows
-        for name, value in values.items():
+        for name, value in ablation_metrics(sums).items():
             pl_module.log(name, value.float(), on_step=False, on_epoch=True, batch_size=1)

@@ -53,6 +53,7 @@ from torch import Tensor
 
 from callbacks.helpers import MetricProducer, due, tensorboard_writers
 from trm_lightning import metric_names as names
+from trm_lightning.checks import check_at_least
 
 RANK_RTOL = 1e-6  # singular values below this x the largest row norm are float32 noise
 
@@ -184,10 +185,8 @@ class EncoderDiagnostics(MetricProducer):
         super().__init__()
         for name, value in [("every_n_steps", every_n_steps), ("probe_every_n_steps", probe_every_n_steps),
                             ("histogram_every_n_steps", histogram_every_n_steps)]:
-            if value is not None and value < 0:
-                raise ValueError(f"{name} must be >= 0 or None, got {value}")
-        if probe_tasks < 2:
-            raise ValueError(f"probe_tasks must be >= 2 (retrieval needs other tasks), got {probe_tasks}")
+            check_at_least(f"EncoderDiagnostics.{name}", value, 0, allow_none=True)
+        check_at_least("EncoderDiagnostics.probe_tasks", probe_tasks, 2)  # retrieval needs other tasks
         self.every_n_steps = every_n_steps
         self.probe_every_n_steps = probe_every_n_steps
         self.probe_tasks = probe_tasks

@@ -7,6 +7,8 @@ import time
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
+from trm_lightning.checks import check_at_least
+
 
 class GPUStats(Callback):
     """Logs ``gpu/steps_per_s`` (optimizer steps per second since the last log) and ``gpu/peak_memory_gib``
@@ -18,6 +20,7 @@ class GPUStats(Callback):
     """
 
     def __init__(self, every_n_steps: int = 10) -> None:
+        check_at_least("GPUStats.every_n_steps", every_n_steps, 1)
         self.every_n_steps = every_n_steps
         self._t0: float | None = None
         self._step0 = 0

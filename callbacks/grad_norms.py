@@ -20,6 +20,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor, nn
 
+from trm_lightning.checks import check_at_least
 from trm_lightning.errors import ConfigError
 
 DEFAULT_GROUPS = {
@@ -67,8 +68,7 @@ class GradNorms(Callback):
         groups: dict[str, list[str]] | None = None,
         update_ratios: bool = True,
     ) -> None:
-        if every_n_steps is not None and every_n_steps < 1:
-            raise ValueError(f"every_n_steps must be >= 1 or None, got {every_n_steps}")
+        check_at_least("GradNorms.every_n_steps", every_n_steps, 1, allow_none=True)
         self.every_n_steps = every_n_steps
         self.groups = dict(DEFAULT_GROUPS if groups is None else groups)
         self.update_ratios = update_ratios

@@ -32,6 +32,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import default_collate
 
+from trm_lightning.checks import check_at_least
 from trm_lightning.data.tokenize import crop_canvas
 from trm_lightning.vocab import IGNORE_LABEL, PAD
 
@@ -207,12 +208,9 @@ class GridImages(Callback):
     """
 
     def __init__(self, num_tasks: int = 4, every_n_validations: int = 1, cell_pixels: int = 8) -> None:
-        if num_tasks < 1:
-            raise ValueError(f"num_tasks must be >= 1, got {num_tasks}")
-        if every_n_validations < 1:
-            raise ValueError(f"every_n_validations must be >= 1, got {every_n_validations}")
-        if cell_pixels < 1:
-            raise ValueError(f"cell_pixels must be >= 1, got {cell_pixels}")
+        for name, value in (("num_tasks", num_tasks), ("every_n_validations", every_n_validations),
+                            ("cell_pixels", cell_pixels)):
+            check_at_least(f"GridImages.{name}", value, 1)
         self.num_tasks = num_tasks
         self.every_n_validations = every_n_validations
         self.cell_pixels = cell_pixels

@@ -8,8 +8,10 @@ adds to ModelCheckpoint:
 
 - before each save, the weights are checked: if any is NaN or infinite the save is skipped with a message,
   so ``last.ckpt`` always holds the last finite state and its step;
-- on an exception (one process) or SIGTERM (every process gets it) it saves ``last.ckpt`` only; under DDP
-  other crashes are not saved, since one rank alone cannot take part in the save's collectives;
+- on SIGTERM or the first Ctrl-C (both stop at the end of a step, on every rank) and on an exception (one
+  process) it saves ``last.ckpt``; under DDP other crashes are not saved, since one rank alone cannot take part in
+  the save's collectives; an immediate KeyboardInterrupt (a second Ctrl-C) saves nothing, since it lands in the
+  middle of a step: the periodic ``last.ckpt`` stays the state to resume from;
 - at the last step (``max_steps``, the last epoch, or a stop requested by a callback) ``last.ckpt`` is
   brought up to the final state;
 - under ``fast_dev_run`` nothing is saved at all, as Lightning means it ("logging and checkpointing is
@@ -69,6 +71,8 @@ class LastCheckpoint(ModelCheckpoint):
         self.last_finite_step = trainer.global_step
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, KeyboardInterrupt):
+            return  # raised mid-step (a second Ctrl-C, or outside training): the periodic last.ckpt is consistent
         if trainer.world_size > 1 and not isinstance(exception, SIGTERMException):
             return
         if not self._should_save_on_exception(trainer):

@@ -4,7 +4,8 @@ Every ``check_every_n_steps`` optimizer steps it rolls the model out (``halt_max
 on the training puzzles' own queries, un-augmented, and measures exact-match and cell accuracy. The run
 passes when both reach their thresholds within ``trainer.max_steps``; it then stops early (``stop_on_pass``)
 and prints ``overfit: PASS exact=<x> cell=<y> first_step_95=<n> budget=<steps>`` as its last line. Otherwise
-``trm`` prints ``overfit: FAIL ...`` and exits 1.
+``trm`` prints ``overfit: FAIL ...`` and exits 1 once the run has ended normally (its ``status.json`` says
+``finished``, with the verdict under ``verdicts``; its checkpoints are the finished run's).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
-from trm_lightning.errors import GateFailure
+from trm_lightning.checks import check_at_least, check_probability
 from trm_lightning.losses import act_loss
 
 
@@ -35,11 +36,16 @@ class OverfitGate(Callback):
         check_every_n_steps: int = 50,
         stop_on_pass: bool = True,
     ) -> None:
+        check_probability("OverfitGate.exact_threshold", exact_threshold)
+        check_probability("OverfitGate.cell_threshold", cell_threshold)
+        check_at_least("OverfitGate.check_every_n_steps", check_every_n_steps, 1)
         self.exact_threshold = exact_threshold
         self.cell_threshold = cell_threshold
         self.check_every_n_steps = check_every_n_steps
         self.stop_on_pass = stop_on_pass
         self.first_pass_step: int | None = None
+        self.verdict: str | None = None  # the verdict line, once the fit ended (RunStatus records it)
+        self.passed: bool | None = None  # the CLI exits 1 when False
         self.last: tuple[int, float, float] | None = None  # (step, exact, cell)
         self._loader: DataLoader | None = None
 
@@ -88,7 +94,6 @@ class OverfitGate(Callback):
             f"first_step_95={self.first_pass_step if self.first_pass_step is not None else 'none'} "
             f"budget={trainer.max_steps}"
         )
-        if verdict == "FAIL":
-            raise GateFailure(line)
-        if trainer.is_global_zero:
-            print(line, flush=True)
+        self.verdict, self.passed = line, verdict == "PASS"
+        if self.passed and trainer.is_global_zero:
+            print(line, flush=True)  # a FAIL line is the command's error, printed by `trm` after the run ends

@@ -4,9 +4,15 @@
 ``test``, ``predict``), each written on rank 0:
 
 - at ``setup``: ``{"status": "running", "start_time": <unix s>, "pid": ..., "host": ...}``;
-- at ``teardown`` (the stage returned normally): ``"finished"``, ``end_time``, ``global_step`` and
-  ``should_stop`` (True when a callback stopped the run early: a ``stop`` alert, the overfit gate);
-- at ``on_exception``: ``"crashed"`` (``"interrupted"`` for Ctrl-C) with ``error`` = ``"<Type>: <message>"``.
+- at ``teardown`` (the stage returned normally): ``"finished"``, ``end_time``, ``global_step``,
+  ``should_stop`` (True when a callback stopped the run early: a ``stop`` alert, the overfit gate) and, when a
+  callback gave one (the overfit gate), ``verdicts`` (``{"OverfitGate": "PASS ..."}``);
+- at ``on_exception``: ``"interrupted"`` with ``signal`` (``SIGINT`` or ``SIGTERM``) when a signal stopped it,
+  else ``"crashed"``, each with ``error`` = ``"<Type>: <message>"``.
+
+During ``fit`` it also handles Ctrl-C: the first SIGINT stops training at the end of the current step, exactly as
+SIGTERM does (:mod:`trm_lightning.lifecycle`), so the ``last.ckpt`` written then is a finished step's; a second
+Ctrl-C interrupts at once.
 
 A record still saying ``running`` after its process died (killed, out of memory) is what ``trm report`` calls
 crashed without an end marker. The file is replaced atomically, so a reader never sees half of it.
@@ -16,13 +22,19 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
+import threading
 import time
 from pathlib import Path
 
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from trm_lightning import lifecycle
 from trm_lightning.run_files import STATUS_FILE
+from trm_lightning.trainer_state import stop_at_step_end
 
 
 def read_status(run_dir: str | os.PathLike) -> dict[str, dict]:
@@ -41,21 +53,50 @@ class RunStatus(Callback):
     def __init__(self) -> None:
         self._log_dir: str | None = None
         self._stage: str | None = None
+        self._previous_sigint = None
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         # trainer.log_dir broadcasts under DDP: read it on every rank here, never in on_exception
         self._log_dir = None if trainer.fast_dev_run else trainer.log_dir
         self._stage = stage
+        lifecycle.reset()
+        if stage == "fit" and threading.current_thread() is threading.main_thread():
+            self._previous_sigint = signal.signal(signal.SIGINT, self._make_sigint_handler(trainer))
         self._write(trainer, {"status": "running", "start_time": time.time(), "pid": os.getpid(),
                               "host": socket.gethostname()}, fresh=True)
 
+    def _make_sigint_handler(self, trainer: Trainer):
+        def on_sigint(signum, frame) -> None:
+            if lifecycle.stop_signal() is not None:  # the second Ctrl-C: stop now
+                self._restore_sigint()
+                raise KeyboardInterrupt
+            lifecycle.note_stop_signal("SIGINT")
+            stop_at_step_end(trainer)
+            rank_zero_warn("Ctrl-C: training stops after this step and saves last.ckpt; Ctrl-C again to stop now "
+                           "(without a checkpoint)")
+        return on_sigint
+
+    def _restore_sigint(self) -> None:
+        if self._previous_sigint is not None:
+            signal.signal(signal.SIGINT, self._previous_sigint)
+            self._previous_sigint = None
+
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._restore_sigint()
+        verdicts = {type(cb).__name__: cb.verdict for cb in trainer.callbacks if getattr(cb, "verdict", None)}
         self._write(trainer, {"status": "finished", "end_time": time.time(), "global_step": int(trainer.global_step),
-                              "should_stop": bool(trainer.should_stop)})
+                              "should_stop": bool(trainer.should_stop), **({"verdicts": verdicts} if verdicts else {})})
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        status = "interrupted" if isinstance(exception, KeyboardInterrupt) else "crashed"
-        self._write(trainer, {"status": status, "end_time": time.time(), "global_step": int(trainer.global_step),
+        self._restore_sigint()
+        fields = {"status": "crashed"}
+        if isinstance(exception, (SIGTERMException, KeyboardInterrupt)):
+            # SIGTERMException also ends the first Ctrl-C (stopped at a step's end); a bare KeyboardInterrupt is
+            # Ctrl-C outside training or a second one
+            default = "SIGTERM" if isinstance(exception, SIGTERMException) else "SIGINT"
+            lifecycle.note_stop_signal(default)
+            fields = {"status": "interrupted", "signal": lifecycle.stop_signal()}
+        self._write(trainer, {**fields, "end_time": time.time(), "global_step": int(trainer.global_step),
                               "error": f"{type(exception).__name__}: {exception}"})
 
     def _write(self, trainer: Trainer, fields: dict, fresh: bool = False) -> None:

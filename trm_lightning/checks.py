@@ -42,10 +42,16 @@ def check_probability(name: str, value: float) -> None:
     check_range(name, value, 0.0, 1.0)
 
 
-def check_range(name: str, value: float, low: float, high: float, *, high_open: bool = False) -> None:
-    """``low <= value <= high`` (``< high`` with ``high_open``), else ``"{name} must be in [low, high], got v"``."""
-    if not low <= _number(name, value) <= high or (high_open and value == high):
-        raise ConfigError(f"{name} must be in [{low}, {high}{')' if high_open else ']'}, got {value}")
+def check_range(name: str, value: float | None, low: float, high: float, *, low_open: bool = False,
+                high_open: bool = False, allow_none: bool = False) -> None:
+    """``low <= value <= high`` (strict at an open end), else ``"{name} must be in [low, high], got v"``; with
+    ``allow_none`` None passes too."""
+    if value is None and allow_none:
+        return
+    if (value is None or not low <= _number(name, value) <= high or (low_open and value == low)
+            or (high_open and value == high)):
+        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise ConfigError(f"{name} must be in {interval}{' or None' if allow_none else ''}, got {value}")
 
 
 def check_divisible(name: str, value: int, by_name: str, by: int) -> None:

@@ -26,16 +26,22 @@ from pathlib import Path
 
 import docstring_parser
 import torch
+import yaml
 from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
-from lightning.pytorch.cli import ArgsType, LightningCLI, SaveConfigCallback
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from callbacks.last_checkpoint import LastCheckpoint
+from callbacks.lr_monitor import LearningRates
 from callbacks.run_status import RunStatus
+from trm_lightning import lifecycle
 from trm_lightning.architecture import TRM_ARCHITECTURE_KEYS, architecture_mismatch
 from trm_lightning.data.datamodule import ARCDataModule
-from trm_lightning.errors import ConfigError, TRMError
+from trm_lightning.checks import check_at_least, check_range
+from trm_lightning.errors import ConfigError, GateFailure, TRMError, buried_in
 from trm_lightning.models.encoder import StandardDemoEncoder
 from trm_lightning.module import TRMLitModule
 from trm_lightning.metric_names import VAL_EXACT_ACCURACY
@@ -64,6 +70,20 @@ class HelpFormatter(DefaultHelpFormatter):
         if "\n" not in text:
             return super()._fill_text(text, width, indent)
         return "\n".join(indent + line for line in text.splitlines())
+
+
+class ArgumentParser(LightningArgumentParser):
+    """LightningCLI's parser, whose errors are one line, ``trm: error: <what>`` (exit 2), like every other error of
+    the command (jsonargparse's own print the whole usage, then a message over several indented lines)."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        if not self.exit_on_error:
+            return super().error(message, ex)
+        buried = buried_in(ex) if ex is not None else None  # a check inside a class it instantiated
+        text = str(buried) if buried is not None else " ".join(str(message).split())
+        print(f"trm: error: {text} (see: {self.prog} --help)" if buried is None
+              else f"trm: error: {text}", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 def conditioner_help(cls: type = StandardDemoEncoder) -> str:
@@ -140,7 +160,7 @@ class TRMCLI(LightningCLI):
             }
         )
         parser.add_lightning_class_args(LastCheckpoint, "last_checkpoint")
-        parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
+        parser.add_lightning_class_args(LearningRates, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
         parser.add_lightning_class_args(TQDMProgressBar, "progress_bar")
         parser.set_defaults({"progress_bar.refresh_rate": 10})
@@ -155,19 +175,24 @@ class TRMCLI(LightningCLI):
         This replaces LightningCLI's default, which silently overwrites the config's model arguments with the
         checkpoint's: here the config stays what the user wrote (a changed ``lr`` for fine-tuning is kept)."""
         subcommand = self.config.get("subcommand")
-        path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if not path or path in ("last", "best", "hpc", "registry"):
+        if not subcommand:
             return
-        if not os.path.isfile(path):
-            raise ConfigError(f"--ckpt_path {path}: no such file")
-        try:
-            with zipfile.ZipFile(path) as archive:
-                bad = archive.testzip()
-        except (zipfile.BadZipFile, OSError) as err:
-            raise ConfigError(f"--ckpt_path {path}: not a readable checkpoint (truncated or corrupted: {err})") from None
-        if bad is not None:
-            raise ConfigError(f"--ckpt_path {path}: corrupted checkpoint (bad CRC in {bad})")
-        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters", {})
+        path = self.config[subcommand].get("ckpt_path")
+        if not path:
+            if subcommand in EVALUATING:
+                raise ConfigError(
+                    f"trm {subcommand} needs --ckpt_path: without one it would score the untrained initial weights "
+                    "(pass a run's checkpoint, e.g. --ckpt_path runs/<name>/version_<n>/checkpoints/last.ckpt)"
+                )
+            return
+        if path in ("last", "best", "registry"):
+            raise ConfigError(
+                f"--ckpt_path {path}: Lightning resolves '{path}' among the checkpoints of this trainer, and a new "
+                "`trm` command has none; pass the checkpoint file (runs/<name>/version_<n>/checkpoints/last.ckpt)"
+            )
+        if path == "hpc":  # SLURM auto-requeue: Lightning finds hpc_ckpt_<n>.ckpt in default_root_dir itself
+            return
+        saved = read_checkpoint_hparams(path)
         config = self.config[subcommand]
         wanted = {k: config["model"].get(k) for k in (*TRM_ARCHITECTURE_KEYS, "conditioner") if k != "num_puzzle_ids"}
         wanted["canvas_size"] = config["data"]["canvas_size"]  # linked from the data; num_puzzle_ids is not known yet
@@ -177,6 +202,22 @@ class TRMCLI(LightningCLI):
                 f"--ckpt_path {path}: the checkpoint was trained with another model configuration: "
                 + ", ".join(differ) + "; pass the run's own config.yaml with --config"
             )
+
+    def before_instantiate_classes(self) -> None:
+        """Values of the Trainer section that Lightning would take silently or fail on deep inside."""
+        config = self.config[self.config["subcommand"]] if self.config.get("subcommand") else self.config
+        seed = config.get("seed_everything")
+        if not isinstance(seed, bool) and seed is not None:
+            check_range("seed_everything", seed, 0, 2**32 - 1)
+        trainer = config["trainer"]
+        clip = trainer.get("gradient_clip_val")
+        if clip is not None:
+            check_at_least("trainer.gradient_clip_val", clip, 0)
+        check_at_least("trainer.log_every_n_steps", trainer.get("log_every_n_steps"), 1, allow_none=True)
+        check_at_least("trainer.accumulate_grad_batches", trainer.get("accumulate_grad_batches"), 1)
+        steps = trainer.get("max_steps")
+        if steps is not None and steps != -1:
+            check_at_least("trainer.max_steps (-1: no limit)", steps, 0)
 
     def _check_run_dir(self) -> None:
         """A run never writes into an existing run directory (an explicit ``logger.version`` that is taken)."""
@@ -195,6 +236,116 @@ class TRMCLI(LightningCLI):
 
     def before_fit(self) -> None:
         self._check_run_dir()
+        dm, trainer = self.datamodule, self.trainer
+        dm.setup("fit")
+        no_heldout = dm.data_summary.get("eval_queries", 0) == 0
+        if trainer.limit_val_batches == 0 or no_heldout:
+            # nothing to monitor: the best-validation checkpoint would be named after a metric that never exists
+            best = self._get(self.config_init, "checkpoint")
+            trainer.callbacks[:] = [cb for cb in trainer.callbacks if cb is not best]
+            if no_heldout and trainer.limit_val_batches != 0:
+                rank_zero_warn("no held-out evaluation episode (see the eval: line above): the val/ view is empty, "
+                               "so there is no best-validation checkpoint; checkpoints/last.ckpt is kept")
+
+    def before_validate(self) -> None:
+        self._before_evaluation("validate")
+
+    def before_test(self) -> None:
+        self._before_evaluation("test")
+
+    def before_predict(self) -> None:
+        self._before_evaluation("predict")
+
+    def _before_evaluation(self, subcommand: str) -> None:
+        """Never into an existing run's directory, and never an empty evaluation (one clear line instead)."""
+        self._check_run_dir()
+        dm = self.datamodule
+        dm.setup(subcommand)
+        if subcommand == "predict":
+            if not dm.eval_tasks:
+                raise ConfigError(f"data.eval_source={dm.eval_source}: no evaluation task to predict (see the eval: "
+                                  "line above)")
+        elif dm.data_summary.get("eval_queries", 0) == 0:
+            raise ConfigError(
+                f"data.eval_source={dm.eval_source}: no evaluation task with a known test output (see the eval: line "
+                f"above), so trm {subcommand} has nothing to score; `trm predict` writes a submission without outputs"
+            )
+
+    def after_fit(self) -> None:
+        """A gate that failed (a callback with ``passed`` False, the overfit gate) ends the command with its verdict
+        line and exit status 1, after the run finished and recorded itself."""
+        failed = [cb.verdict for cb in self.trainer.callbacks if getattr(cb, "passed", None) is False]
+        if failed:
+            raise GateFailure("\n".join(failed))
+
+
+EVALUATING = ("validate", "test", "predict")
+
+
+def config_files(argv: list[str]) -> list[str]:
+    """The paths given to ``--config`` / ``-c`` in ``argv`` (``--config X``, ``--config=X``, ``-c X``)."""
+    paths = []
+    for i, arg in enumerate(argv):
+        if arg in ("--config", "-c") and i + 1 < len(argv):
+            paths.append(str(argv[i + 1]))
+        elif isinstance(arg, str) and arg.startswith("--config="):
+            paths.append(arg.split("=", 1)[1])
+    return paths
+
+
+def check_config_file(path: str) -> None:
+    """A ``--config`` file must exist and be a UTF-8 YAML mapping; else one line that says which file and why (what
+    jsonargparse would print is a bare ``Unexpected config:`` or a ``UnicodeDecodeError`` traceback)."""
+    if path.lstrip().startswith("{"):  # an inline config string, jsonargparse parses it
+        return
+    try:
+        raw = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"--config {path}: no such file") from None
+    except OSError as err:
+        raise ConfigError(f"--config {path}: cannot be read ({err.strerror})") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"--config {path}: not UTF-8 text (byte {raw[err.start]:#04x} at offset {err.start}); "
+                          "save it as UTF-8") from None
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"--config {path}: not valid YAML{where} ({getattr(err, 'problem', None) or err})") from None
+    if loaded is None:
+        raise ConfigError(f"--config {path}: the file is empty (or only comments)")
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of keys (such as model: / data: / trainer:), got a "
+                          f"{type(loaded).__name__}")
+
+
+def read_checkpoint_hparams(path: str) -> dict:
+    """The hyperparameters of the Lightning checkpoint at ``path``; one ``ConfigError`` line for anything else (no
+    such file, a truncated or corrupted file, a zip or torch file that is not a Lightning checkpoint)."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"--ckpt_path {path}: no such file")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError) as err:
+        raise ConfigError(f"--ckpt_path {path}: not a readable checkpoint (truncated or corrupted: {err})") from None
+    if bad is not None:
+        raise ConfigError(f"--ckpt_path {path}: corrupted checkpoint (bad CRC in {bad})")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # noqa: BLE001  (a zip that torch cannot read: one line)
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"--ckpt_path {path}: not a PyTorch checkpoint ({first[:200]})") from None
+    if not isinstance(saved, dict) or "state_dict" not in saved or "pytorch-lightning_version" not in saved:
+        what = f"a {type(saved).__name__}" if not isinstance(saved, dict) else "a dict without Lightning's keys"
+        raise ConfigError(
+            f"--ckpt_path {path}: not a Lightning checkpoint ({what}: a plain torch.save of weights has no "
+            "optimizer, loop or data state to resume); pass a checkpoints/*.ckpt file of a `trm fit` run"
+        )
+    return saved.get("hyper_parameters", {})
 
 
 def build_cli(args: ArgsType = None, run: bool = True) -> TRMCLI:
@@ -203,6 +354,7 @@ def build_cli(args: ArgsType = None, run: bool = True) -> TRMCLI:
         TRMLitModule,
         ARCDataModule,
         auto_configure_optimizers=False,
+        parser_class=ArgumentParser,
         save_config_callback=RecordingSaveConfig,
         save_config_kwargs={"overwrite": False, "config_filename": CONFIG_FILE},  # never over another run's
         seed_everything_default=0,
@@ -228,7 +380,30 @@ def main(args: ArgsType = None) -> None:
 
             report_main(list(argv[1:]))
             return
+        if isinstance(argv, (list, tuple)):
+            for path in config_files(list(argv)):
+                check_config_file(path)
         build_cli(args)
     except TRMError as err:
-        print(f"{err.prefix}{err}", file=sys.stderr, flush=True)
-        sys.exit(err.exit_code)
+        _exit_with(err)
+    except KeyboardInterrupt:  # Ctrl-C before or after training (inside it Lightning turns it into an exit)
+        print("trm: interrupted (SIGINT)", file=sys.stderr, flush=True)
+        sys.exit(lifecycle.exit_status("SIGINT"))
+    except SystemExit as end:
+        name = lifecycle.stop_signal()
+        if name is None and isinstance(end, SIGTERMException):
+            name = "SIGTERM"
+        if name is None:
+            raise
+        print(f"trm: stopped by {name}", file=sys.stderr, flush=True)
+        sys.exit(lifecycle.exit_status(name))
+    except Exception as err:  # noqa: BLE001  (re-raised unless it carries one of ours)
+        buried = buried_in(err)
+        if buried is None:
+            raise
+        _exit_with(buried)
+
+
+def _exit_with(err: TRMError) -> None:
+    print(f"{err.prefix}{err}", file=sys.stderr, flush=True)
+    sys.exit(err.exit_code)

@@ -50,3 +50,12 @@ def explicit_logger_version(logger: Any) -> int | str | None:
     Private: reading the public ``logger.version`` would make the logger choose (and create) a new version
     directory, which is what this question must not do."""
     return getattr(logger, "_version", None)
+
+
+def stop_at_step_end(trainer: Trainer) -> None:
+    """Ask the training loop to stop after the current optimizer step, as it does on SIGTERM (every rank at the same
+    step under DDP; ``on_exception`` then sees a ``SIGTERMException`` and ``last.ckpt`` is saved from that step).
+
+    Private: the flag of Lightning's signal connector is the only way into that path; ``trainer.should_stop`` would
+    also run the end-of-training hooks (a final validation, the last checkpoint as if the run had finished)."""
+    trainer._signal_connector.received_sigterm = True

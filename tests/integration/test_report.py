@@ -263,6 +263,9 @@ def test_unrelated_files_and_half_written_runs_are_skipped_one_line_each(runs, t
     (messy / "empty" / "version_3").mkdir(parents=True)
     (messy / "other" / "data").mkdir(parents=True)
     (messy / "other" / "data" / "x.bin").write_bytes(b"\x01\x02")
+    (messy / "fewshot" / "data" / "train").mkdir(parents=True)
+    for i in range(40):  # a data folder of many task files: one line for the folder, not one per file
+        (messy / "fewshot" / "data" / "train" / f"task{i:03d}.json").write_text("{}")
 
     main(["report", str(messy), "--out", str(tmp_path / "out"), "--no-plots"])
     printed = capsys.readouterr().out.splitlines()
@@ -270,11 +273,12 @@ def test_unrelated_files_and_half_written_runs_are_skipped_one_line_each(runs, t
     assert skipped == [
         "skipped broken/version_0: config.yaml is not readable YAML (while parsing a flow sequence)",
         "skipped empty/version_3: no config.yaml (a half-written run, or not one made by `trm fit`)",
+        "skipped fewshot/data/train/: not a run directory (40 files outside any run)",
         "skipped half/version_0: no TensorBoard event file",
         "skipped notes.txt: not a run directory (a file outside any run)",
         "skipped other/data/x.bin: not a run directory (a file outside any run)",
     ]
-    assert printed[-1].startswith("report: 2 run(s), 5 skipped, baseline good/version_0;")
+    assert printed[-1].startswith("report: 2 run(s), 6 skipped, baseline good/version_0;")
     with open(tmp_path / "out" / "report.csv", newline="") as f:
         lines = {line["run"]: line for line in csv.DictReader(f)}
     assert list(lines) == ["good/version_0", "torn/version_0"]

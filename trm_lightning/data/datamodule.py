@@ -266,12 +266,19 @@ class ARCDataModule(lightning.LightningDataModule):
 
     # ------------------------------------------------------------------ loaders
     def _loader(self, dataset, batch_size: int, loader_class: type[DataLoader] = DataLoader, **kwargs) -> DataLoader:
+        """A DataLoader with its own random generator. Every episode is a pure function of its key, so loading uses
+        no randomness; but each iterator a DataLoader creates draws its workers' base seed from its generator, by
+        default torch's global one, which training's random draws (ACT exploration) use too. With workers, Lightning
+        creates iterators at other moments in a resumed run (the validation loaders' first iterator comes at the
+        first validation after the resume) than in an uninterrupted one, so those draws would shift the training
+        stream: a loader of its own keeps it the same."""
         return loader_class(
             dataset,
             batch_size=batch_size,
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0,
+            generator=torch.Generator().manual_seed(self.seed),
             **kwargs,
         )
 

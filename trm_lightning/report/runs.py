@@ -106,7 +106,11 @@ def discover(runs_dir: Path, exclude: tuple[Path, ...] = ()) -> tuple[list[Path]
             found.append(here)
             dirnames[:] = []
             continue
-        skipped += [Skipped(_rel(here / f, runs_dir), "not a run directory (a file outside any run)") for f in files]
+        if len(files) == 1:
+            skipped.append(Skipped(_rel(here / files[0], runs_dir), "not a run directory (a file outside any run)"))
+        elif files:  # one line per folder, however many files it holds (a few-shot data folder has thousands)
+            where = _rel(here, runs_dir) + "/" if here != runs_dir else "./"
+            skipped.append(Skipped(where, f"not a run directory ({len(files)} files outside any run)"))
         if here != runs_dir and not dirnames and not files:
             skipped.append(Skipped(_rel(here, runs_dir), "empty directory"))
     return sorted(found, key=lambda p: natural_key(_rel(p, runs_dir))), skipped

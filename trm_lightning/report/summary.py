@@ -81,9 +81,14 @@ def run_status(run: Run, now: float, stale_after_s: float) -> tuple[str, str]:
         return "crashed", f"no end marker, no write for {_duration(idle)} (killed?)"
     if stop is not None:
         return "stopped by alert", f"{stop['rule']} at step {stop['step']} (action {stop['action']})"
-    if state in ("crashed", "interrupted"):
+    if state == "interrupted":
+        return "interrupted", f"by {record['signal']}" if record.get("signal") else str(record.get("error", ""))
+    if state == "crashed":
         return state, str(record.get("error", ""))
     if state == "finished":
+        failed = [v for v in (record.get("verdicts") or {}).values() if " FAIL " in f" {v} "]
+        if failed:
+            return "gate failed", "; ".join(failed)
         return "finished", "stopped early by a callback" if record.get("should_stop") else ""
     return "unknown", f"status.json says {state!r}"
 

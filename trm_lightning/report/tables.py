@@ -10,8 +10,8 @@ from pathlib import Path
 from trm_lightning.report.runs import Skipped
 from trm_lightning.report.summary import DIAGNOSTICS, Row
 
-STATUS_MARK = {"finished": "✅", "stopped by alert": "🛑", "crashed": "❌", "interrupted": "❌", "running": "⏳",
-               "unknown": "❔"}
+STATUS_MARK = {"finished": "✅", "stopped by alert": "🛑", "gate failed": "⛔", "crashed": "❌", "interrupted": "⏸️",
+               "running": "⏳", "unknown": "❔"}
 MAX_CHANGES_MD = 6  # the rest is in report.csv
 
 CSV_COLUMNS = (
