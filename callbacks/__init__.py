@@ -10,6 +10,7 @@ from callbacks.alert_rules import (
 )
 from callbacks.collapse_alert import CollapseAlert, CollapseAlertError
 from callbacks.context_reliance import ContextReliance
+from callbacks.ema import EMA
 from callbacks.encoder_diagnostics import EncoderDiagnostics
 from callbacks.grad_norms import GradNorms
 from callbacks.grid_images import GridImages
@@ -18,6 +19,6 @@ from callbacks.lr_monitor import LearningRates
 from callbacks.run_status import RunStatus
 from callbacks.run_summary import RunSummary
 
-__all__ = ["AccuracyCollapse", "AlertRule", "CollapseAlert", "CollapseAlertError", "ContextReliance",
+__all__ = ["AccuracyCollapse", "AlertRule", "CollapseAlert", "CollapseAlertError", "ContextReliance", "EMA",
            "EncoderDiagnostics", "GradNorms", "GridImages", "LastCheckpoint", "LearningRates", "NonFinite", "ProbeDrift", "QHaltRising",
            "RepresentationCollapse", "RunStatus", "RunSummary"]

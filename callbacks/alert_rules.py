@@ -74,6 +74,8 @@ class AlertRule(ABC):
     keys: tuple[str, ...] = ()
     #: checked at every check, also before CollapseAlert's ``warmup_steps``
     checked_during_warmup = False
+    #: what the rule remembers between checks (saved in checkpoints, so a resumed run continues its streaks)
+    state_attributes: tuple[str, ...] = ("streak",)
 
     def __init__(self, patience: int = 1, action: Action = "warn") -> None:
         check_at_least(f"{type(self).__name__}.patience", patience, 1)
@@ -82,6 +84,14 @@ class AlertRule(ABC):
         self.patience = patience
         self.action = action
         self.streak = 0
+
+    def state(self) -> dict[str, float | int | None]:
+        return {name: getattr(self, name) for name in self.state_attributes}
+
+    def load_state(self, state: Mapping[str, float | int | None]) -> None:
+        for name in self.state_attributes:
+            if name in state:
+                setattr(self, name, state[name])
 
     @abstractmethod
     def thresholds(self) -> dict[str, float | None]:
@@ -218,6 +228,8 @@ class AccuracyCollapse(AlertRule):
 
     name = "accuracy_collapse"
 
+    state_attributes = ("streak", "peak")
+
     def __init__(self, drop: float = 0.5, min_peak: float = 0.2, patience: int = 3, action: Action = "warn",
                  key: str = names.TRAIN_ACCURACY) -> None:
         super().__init__(patience, action)
@@ -258,6 +270,8 @@ class QHaltRising(AlertRule):
     """
 
     name = "q_halt_rising"
+
+    state_attributes = ("streak", "previous")
 
     def __init__(self, patience: int = 8, min_rise: float = 0.0, action: Action = "warn",
                  key: str = names.TRAIN_Q_HALT_LOSS) -> None:

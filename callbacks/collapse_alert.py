@@ -107,6 +107,25 @@ class CollapseAlert(Callback):
         keys = [k for r in self.rules if not isinstance(r, NonFinite) for k in r.keys]
         return list(dict.fromkeys(keys))
 
+    # --------------------------------------------------------------------------------------- state
+    @property
+    def state_key(self) -> str:
+        """Unique per configuration, so two of these callbacks in one run each keep their own checkpointed state."""
+        return self._generate_state_key(rules=tuple(type(r).__name__ for r in self.rules), check_every_n_steps=self.check_every_n_steps, warmup_steps=self.warmup_steps)
+
+    def state_dict(self) -> dict:
+        """The rules' memory (streaks, a peak, a previous value): a resumed run fires exactly when the uninterrupted
+        one would have."""
+        return {"rules": [[type(rule).__name__, rule.state()] for rule in self.rules]}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        saved = state_dict.get("rules", [])
+        if [name for name, _ in saved] != [type(rule).__name__ for rule in self.rules]:
+            rank_zero_warn("CollapseAlert: the checkpoint's rules differ from this run's; their streaks start afresh")
+            return
+        for rule, (_, state) in zip(self.rules, saved):
+            rule.load_state(state)
+
     # --------------------------------------------------------------------------------------- setup
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         # trainer.log_dir broadcasts under DDP: read it here, on every rank, never under is_global_zero

@@ -84,6 +84,17 @@ class ContextReliance(Callback):
         self._validations = 0
         self._sums: Tensor | None = None
 
+    @property
+    def state_key(self) -> str:
+        """Unique per configuration, so two of these callbacks in one run each keep their own checkpointed state."""
+        return self._generate_state_key(every_n_validations=self.every_n_validations, dataloader_idx=self.dataloader_idx)
+
+    def state_dict(self) -> dict:
+        return {"validations": self._validations}  # a resumed run keeps the every-n-th validation rhythm
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._validations = int(state_dict.get("validations", 0))
+
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._sums = None
         if trainer.sanity_checking:

@@ -203,10 +203,24 @@ class EncoderDiagnostics(MetricProducer):
             hist = probe if probe > 0 else every
         return every, probe, hist
 
+    @property
+    def state_key(self) -> str:
+        """Unique per configuration, so two of these callbacks in one run each keep their own checkpointed state."""
+        return self._generate_state_key(every_n_steps=self.every_n_steps, probe_every_n_steps=self.probe_every_n_steps, probe_tasks=self.probe_tasks)
+
+    def state_dict(self) -> dict:
+        """The previous probe encoding, so the first drift after a resume compares with the same check as the
+        uninterrupted run's."""
+        previous = self._previous_probe
+        return {"previous_probe": None if previous is None else previous.detach().cpu()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._restored_probe = state_dict.get("previous_probe")
+
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
         self._probe_batch = None
-        self._previous_probe = None
+        self._previous_probe, self._restored_probe = getattr(self, "_restored_probe", None), None
         _, probe, _ = self._intervals(trainer)
         datamodule = getattr(trainer, "datamodule", None)
         if probe > 0:
@@ -264,6 +278,6 @@ class EncoderDiagnostics(MetricProducer):
         n = rows.shape[0] // 2
         stats = probe_statistics(rows[:n], rows[n:])
         if self._previous_probe is not None:
-            stats.update(drift_statistics(rows, self._previous_probe))
+            stats.update(drift_statistics(rows, self._previous_probe.to(rows.device)))
         self._previous_probe = rows
         return stats

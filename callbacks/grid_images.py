@@ -252,6 +252,17 @@ class GridImages(Callback):
         return {k: v.index_select(0, index).cpu().clone() for k, v in batch.items() if isinstance(v, Tensor)}
 
     # ------------------------------------------------------------------------------------- hooks
+    @property
+    def state_key(self) -> str:
+        """Unique per configuration, so two of these callbacks in one run each keep their own checkpointed state."""
+        return self._generate_state_key(num_tasks=self.num_tasks, every_n_validations=self.every_n_validations)
+
+    def state_dict(self) -> dict:
+        return {"validations": self._validations}  # a resumed run keeps the every-n-th validation rhythm
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._validations = int(state_dict.get("validations", 0))
+
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._due = False
         if trainer.sanity_checking:

@@ -174,6 +174,7 @@ class TRMCLI(LightningCLI):
 
         This replaces LightningCLI's default, which silently overwrites the config's model arguments with the
         checkpoint's: here the config stays what the user wrote (a changed ``lr`` for fine-tuning is kept)."""
+        self._check_trainer_config()
         subcommand = self.config.get("subcommand")
         if not subcommand:
             return
@@ -192,8 +193,16 @@ class TRMCLI(LightningCLI):
             )
         if path == "hpc":  # SLURM auto-requeue: Lightning finds hpc_ckpt_<n>.ckpt in default_root_dir itself
             return
-        saved = read_checkpoint_hparams(path)
+        checkpoint = read_checkpoint(path)
+        saved = checkpoint.get("hyper_parameters", {})
         config = self.config[subcommand]
+        trained_batch = checkpoint.get("datamodule_hyper_parameters", {}).get("global_batch_size")
+        wanted_batch = config["data"]["global_batch_size"]
+        if subcommand == "fit" and trained_batch is not None and trained_batch != wanted_batch:
+            raise ConfigError(
+                f"--ckpt_path {path}: the run was trained with data.global_batch_size={trained_batch} (config: "
+                f"{wanted_batch}); a resume continues the same run, so pass --data.global_batch_size {trained_batch}"
+            )
         wanted = {k: config["model"].get(k) for k in (*TRM_ARCHITECTURE_KEYS, "conditioner") if k != "num_puzzle_ids"}
         wanted["canvas_size"] = config["data"]["canvas_size"]  # linked from the data; num_puzzle_ids is not known yet
         differ = architecture_mismatch(saved, wanted)
@@ -203,8 +212,9 @@ class TRMCLI(LightningCLI):
                 + ", ".join(differ) + "; pass the run's own config.yaml with --config"
             )
 
-    def before_instantiate_classes(self) -> None:
-        """Values of the Trainer section that Lightning would take silently or fail on deep inside."""
+    def _check_trainer_config(self) -> None:
+        """Values of the Trainer section (and the seed) that Lightning would take silently or fail on deep inside;
+        run right after parsing, before LightningCLI seeds anything."""
         config = self.config[self.config["subcommand"]] if self.config.get("subcommand") else self.config
         seed = config.get("seed_everything")
         if not isinstance(seed, bool) and seed is not None:
@@ -238,14 +248,16 @@ class TRMCLI(LightningCLI):
         self._check_run_dir()
         dm, trainer = self.datamodule, self.trainer
         dm.setup("fit")
-        no_heldout = dm.data_summary.get("eval_queries", 0) == 0
-        if trainer.limit_val_batches == 0 or no_heldout:
+        if trainer.limit_val_batches != 0 and dm.data_summary.get("eval_queries", 0) == 0:
+            raise ConfigError(
+                f"data.eval_source={dm.eval_source}: no held-out evaluation episode (no task fits the canvas, "
+                "data.max_eval_puzzles is 0, or no test output is known; see the eval: line above), so validation "
+                "has nothing to score; set --trainer.limit_val_batches 0 to train without it"
+            )
+        if trainer.limit_val_batches == 0:
             # nothing to monitor: the best-validation checkpoint would be named after a metric that never exists
             best = self._get(self.config_init, "checkpoint")
             trainer.callbacks[:] = [cb for cb in trainer.callbacks if cb is not best]
-            if no_heldout and trainer.limit_val_batches != 0:
-                rank_zero_warn("no held-out evaluation episode (see the eval: line above): the val/ view is empty, "
-                               "so there is no best-validation checkpoint; checkpoints/last.ckpt is kept")
 
     def before_validate(self) -> None:
         self._before_evaluation("validate")
@@ -322,9 +334,9 @@ def check_config_file(path: str) -> None:
                           f"{type(loaded).__name__}")
 
 
-def read_checkpoint_hparams(path: str) -> dict:
-    """The hyperparameters of the Lightning checkpoint at ``path``; one ``ConfigError`` line for anything else (no
-    such file, a truncated or corrupted file, a zip or torch file that is not a Lightning checkpoint)."""
+def read_checkpoint(path: str) -> dict:
+    """The Lightning checkpoint at ``path`` (memory-mapped); one ``ConfigError`` line for anything else (no such file,
+    a truncated or corrupted file, a zip or torch file that is not a Lightning checkpoint)."""
     if not os.path.isfile(path):
         raise ConfigError(f"--ckpt_path {path}: no such file")
     try:
@@ -345,7 +357,7 @@ def read_checkpoint_hparams(path: str) -> dict:
             f"--ckpt_path {path}: not a Lightning checkpoint ({what}: a plain torch.save of weights has no "
             "optimizer, loop or data state to resume); pass a checkpoints/*.ckpt file of a `trm fit` run"
         )
-    return saved.get("hyper_parameters", {})
+    return saved
 
 
 def build_cli(args: ArgsType = None, run: bool = True) -> TRMCLI:
@@ -360,6 +372,7 @@ def build_cli(args: ArgsType = None, run: bool = True) -> TRMCLI:
         seed_everything_default=0,
         trainer_defaults={"logger": DEFAULT_LOGGER},
         parser_kwargs={
+            "prog": "trm",
             "description": DESCRIPTION,
             **{sub: {"epilog": conditioner_help(), "formatter_class": HelpFormatter}
                for sub in ("fit", "validate", "test", "predict")},

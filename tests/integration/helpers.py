@@ -61,3 +61,44 @@ class KillAtStep(Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_step == self.step:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class SignalAtStep(Callback):
+    """Sends ``signal_name`` to its own process group just before optimizer step ``step + 1`` starts, as a terminal's
+    Ctrl-C (SIGINT) or a scheduler (SIGTERM, SIGKILL) reaches the training process and its data workers. The run
+    must have been started in a session of its own (``start_new_session=True``)."""
+
+    def __init__(self, step: int, signal_name: str) -> None:
+        self.step = step
+        self.signum = signal.Signals[signal_name]
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            self.step = -1  # once
+            os.killpg(os.getpgid(0), self.signum)
+
+
+class MetricRecorder(Callback):
+    """Appends one JSON line per optimizer step with the loss, a draw from torch's generator after the step and every
+    step-level metric logged (train/, diagnostics/, grad/, update_ratio/), and one per validation (val/): what a
+    resumed run must repeat exactly. Put it last in ``trainer.callbacks`` so the other callbacks logged first."""
+
+    PREFIXES = ("train/", "diagnostics/", "grad/", "update_ratio/")
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def _write(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(self.PREFIXES)}
+        self._write({"step": trainer.global_step, "loss": float(outputs["loss"]), "rand": float(torch.rand(())),
+                     "metrics": metrics})
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking:
+            return
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val")}
+        self._write({"validation_at": trainer.global_step, "metrics": metrics})

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 STEPS = ["--trainer.max_steps=35", "--trainer.val_check_interval=10", "--trainer.deterministic=true",
          "--data.episodes_per_epoch=16",  # 4 batches an epoch: the kill (after step 15) lands mid-epoch
          "--last_checkpoint.every_n_train_steps=5", "--trainer.logger.init_args.name=run",
-         "--trainer.callbacks+=lightning.pytorch.callbacks.EMAWeightAveraging", "--trainer.callbacks.decay=0.9"]
+         "--trainer.callbacks+=callbacks.EMA", "--trainer.callbacks.decay=0.9"]
 
 
 def _fit(out_dir, train_dir, eval_dir, losses, *extra: str) -> subprocess.CompletedProcess:

@@ -167,8 +167,7 @@ def test_validation_rollout_is_deterministic(synthetic_task_dir, synthetic_eval_
 
 def test_ema_weights_are_evaluated_and_checkpointed(synthetic_task_dir, synthetic_eval_dir, tmp_path):
     cli = build_tiny(synthetic_task_dir, synthetic_eval_dir, tmp_path, "--trainer.max_steps=6",
-                     "--trainer.callbacks+=lightning.pytorch.callbacks.EMAWeightAveraging",
-                     "--trainer.callbacks.decay=0.9")
+                     "--trainer.callbacks+=callbacks.EMA", "--trainer.callbacks.decay=0.9")
     seen = {}
 
     class WeightSpy(Callback):
@@ -185,6 +184,28 @@ def test_ema_weights_are_evaluated_and_checkpointed(synthetic_task_dir, syntheti
     assert not torch.equal(ema, live)  # the checkpoint keeps both: EMA as state_dict, live weights beside it
     assert "averaging_state" in ckpt
     assert not torch.equal(seen["val"], seen["train"])  # validation ran on the averaged weights
+
+
+def test_ema_averages_parameters_only_and_keeps_the_live_buffers(synthetic_task_dir, synthetic_eval_dir, tmp_path):
+    """TRM's EMA: the puzzle table (a buffer) is not averaged, and no constant buffer drifts by rounding."""
+    cli = build_tiny(synthetic_task_dir, synthetic_eval_dir, tmp_path, "--trainer.max_steps=6", "--model.lr_warmup_steps=0",
+                     "--model.conditioner=PuzzleEmbedding", "--data.train_on_eval_demos=true",
+                     "--data.num_train_augmentations=3", "--trainer.callbacks+=callbacks.EMA", "--trainer.callbacks.decay=0.5")
+    rope = cli.model.model.trm.rope.cos.clone()
+    seen = {}
+
+    class Spy(Callback):
+        def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+            seen["rope"] = pl_module.model.trm.rope.cos.clone()  # with the averaged weights swapped in
+
+    cli.trainer.callbacks.append(Spy())
+    cli.trainer.fit(cli.model, cli.datamodule)
+    ckpt = torch.load(_last_ckpt(cli), weights_only=False)
+    averaged, live = ckpt["state_dict"], ckpt["current_model_state"]
+    assert not torch.equal(averaged["model.trm.lm_head.weight"], live["model.trm.lm_head.weight"])
+    table = live["model.conditioner.weights"]
+    assert table.abs().sum() > 0 and torch.equal(averaged["model.conditioner.weights"], table)  # the live table
+    assert torch.equal(seen["rope"], rope)  # exact constants in validation, however many updates
 
 
 def test_puzzle_emb_baseline_trains_its_table_by_sign_steps(synthetic_task_dir, synthetic_eval_dir, tmp_path):
