@@ -39,7 +39,7 @@ from trm_lightning.models.conditioning import ConditionerFactory, ConditionerSha
 from trm_lightning.models.encoder import StandardDemoEncoder
 from trm_lightning.models.encoder_trm import EncoderTRM
 from trm_lightning.models.trm import ACTCarry, TinyRecursiveModel
-from trm_lightning.optim import frozen_then, named_param_groups, warmup_cosine
+from trm_lightning.optim import TRMSchedule, build_optimizer, named_param_groups
 from trm_lightning.pretrained import load_trm_weights, provenance
 from trm_lightning.trainer_state import ignore_in_ddp, is_logging_step
 from trm_lightning.vocab import VOCAB_SIZE
@@ -102,14 +102,20 @@ class TRMLitModule(LightningModule):
         num_puzzle_ids: rows of the puzzle-id table (linked from ``data.num_puzzle_ids``).
         compile: ``torch.compile`` the TRM core's shared net and the demo encoder's per-bucket encoding (with
             dynamic shapes), never the whole module; for GPUs.
+        forward_dtype: the TRM core's activation dtype (TRM's ``forward_dtype``): ``float32``, or ``bfloat16`` as in
+            TRM's configs (embeddings, initial states, residual stream and carry in bf16, fp32 master weights,
+            norms, RoPE and the loss as TRM computes them). For GPUs, with ``trainer.precision: bf16-mixed``.
         loss_type: token loss, stablemax (TRM, fp64) or softmax.
         q_halt_loss_weight: weight of the halting BCE.
+        optimizer: ``adamw`` (torch's AdamW) or ``adam_atan2`` (TRM's AdamATan2: no eps, steps bounded by
+            lr x pi/2, about 0.785x AdamW's on a steady gradient, so learning rates do not transfer between them).
         lr: base learning rate (the TRM group).
         encoder_lr_scale: the conditioner's parameters (group ``encoder``) train at lr x this (0 freezes them).
-        weight_decay: AdamW decoupled weight decay, on all parameters as in TRM.
-        beta1: AdamW beta1.
-        beta2: AdamW beta2.
-        lr_warmup_steps: linear warmup steps from 0.
+        weight_decay: decoupled weight decay, on all parameters as in TRM.
+        beta1: beta1 of the optimizer's first moment.
+        beta2: beta2 of its second moment.
+        lr_warmup_steps: linear warmup steps; as in TRM the first optimizer step already has 1/lr_warmup_steps of
+            the rate.
         lr_min_ratio: cosine floor as a fraction of lr at the last step; 1.0 = constant after warmup.
         freeze_trm_steps: the TRM core's learning rate is 0 for this many first optimizer steps (seed H6: train
             the encoder first); its weights stay bit-identical meanwhile, then follow the normal schedule.
@@ -135,8 +141,10 @@ class TRMLitModule(LightningModule):
         conditioner: ConditionerFactory = StandardDemoEncoder,
         num_puzzle_ids: int = 1,
         compile: bool = False,
+        forward_dtype: Literal["float32", "bfloat16"] = "float32",
         loss_type: Literal["stablemax", "softmax"] = "stablemax",
         q_halt_loss_weight: float = 0.5,
+        optimizer: Literal["adamw", "adam_atan2"] = "adamw",
         lr: float = 1e-4,
         encoder_lr_scale: float = 1.0,
         weight_decay: float = 0.1,
@@ -169,6 +177,7 @@ class TRMLitModule(LightningModule):
         self._carry: ACTCarry | None = None  # plain attribute: never a buffer, never averaged by EMA
         self._evaluator: ARCVoteEvaluator | None = None
         self._resumed_state: dict | None = None  # per-rank carry + RNG from a checkpoint, applied at train start
+        self._schedule = None  # the lr factor of each optimizer step (configure_optimizers), the table follows it
 
     def _build_model(self) -> EncoderTRM:
         """The conditioner (built first: its initialisation draws come before the TRM's) and the TRM core."""
@@ -191,6 +200,7 @@ class TRMLitModule(LightningModule):
             halt_max_steps=hp.halt_max_steps,
             halt_exploration_prob=hp.halt_exploration_prob,
             compile=hp.compile,
+            forward_dtype=hp.forward_dtype,
         )
         return EncoderTRM(conditioner, trm)
 
@@ -335,15 +345,13 @@ class TRMLitModule(LightningModule):
 
     # ---------------------------------------------------------------------------------------- optimiser
     def on_before_optimizer_step(self, optimizer) -> None:
-        """The puzzle table's SignSGD step, at the lr factor the scheduler gives the TRM group now."""
+        """The puzzle table's SignSGD step, with the same schedule as the optimizer's groups (TRM's warmup then
+        cosine of ``puzzle_emb_lr``), frozen with the conditioner (``freeze_encoder_steps``)."""
         table = self.model.conditioner
         if not isinstance(table, PuzzleEmbedding):
             return
         hp = self.hparams
-        trm_lr = next(g["lr"] for g in optimizer.param_groups if g.get("name") == "trm")
-        lr = hp.puzzle_emb_lr * trm_lr / hp.lr if hp.lr > 0 else 0.0
-        if self.global_step < hp.freeze_encoder_steps:
-            lr = 0.0
+        lr = self._schedule.lr_at(hp.puzzle_emb_lr, self.global_step, hp.freeze_encoder_steps)
         gather = None
         if self._trainer is not None and self.trainer.world_size > 1:
             gather = lambda t: self.all_gather(t).flatten(0, 1)  # noqa: E731  (world, n, ...) -> (world*n, ...)
@@ -353,11 +361,9 @@ class TRMLitModule(LightningModule):
         hp = self.hparams
         modules = {"encoder": self.model.conditioner, "trm": self.model.trm}  # a group only with trainable parameters
         groups = named_param_groups(modules, {"encoder": hp.lr * hp.encoder_lr_scale, "trm": hp.lr})
-        optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=(hp.beta1, hp.beta2), weight_decay=hp.weight_decay)
+        optimizer = build_optimizer(hp.optimizer, groups, hp.lr, (hp.beta1, hp.beta2), hp.weight_decay)
         total = int(self.trainer.estimated_stepping_batches)
-        base = warmup_cosine(hp.lr_warmup_steps, total, hp.lr_min_ratio)
         frozen = {"encoder": hp.freeze_encoder_steps, "trm": hp.freeze_trm_steps}
-        # one factor per group, in the groups' order: 0 while the group is frozen, the schedule after
-        factors = [frozen_then(base, frozen[g["name"]]) for g in groups]
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
+        schedule = self._schedule = TRMSchedule(optimizer, hp.lr_warmup_steps, total, hp.lr_min_ratio,
+                                                [frozen[g["name"]] for g in groups])
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step", "name": LR}}

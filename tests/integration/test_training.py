@@ -234,3 +234,31 @@ def test_puzzle_emb_baseline_trains_its_table_by_sign_steps(synthetic_task_dir, 
     ckpt = torch.load(_last_ckpt(cli), weights_only=False)
     saved = ckpt["state_dict"]["model.conditioner.weights"]  # the table is checkpointed (a persistent buffer)
     assert saved.shape == table.shape and saved.abs().sum() > 0
+
+
+def test_the_first_three_learning_rates_are_trms(synthetic_task_dir, synthetic_eval_dir, tmp_path):
+    """TRM counts steps from 1: lr 1e-4, warmup 2000 gives 5e-8, 1e-7, 1.5e-7 (not 0, 5e-8, 1e-7), for the encoder
+    group (x encoder_lr_scale), the TRM group and the puzzle table (x puzzle_emb_lr / lr)."""
+    seen: dict[str, list[float]] = {"encoder": [], "trm": [], "table": []}
+
+    class Spy(Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            for g in optimizer.param_groups:
+                seen[g["name"]].append(g["lr"])
+
+    for conditioner in ("StandardDemoEncoder", "PuzzleEmbedding"):
+        cli = build_tiny(synthetic_task_dir, synthetic_eval_dir, tmp_path / conditioner, "--trainer.max_steps=3",
+                         "--model.lr=1e-4", "--model.lr_warmup_steps=2000", "--model.encoder_lr_scale=0.5",
+                         "--model.puzzle_emb_lr=1e-2", "--model.optimizer=adam_atan2",
+                         f"--model.conditioner={conditioner}", "--data.train_on_eval_demos=true",
+                         "--data.num_train_augmentations=2")
+        table = cli.model.model.conditioner
+        if isinstance(table, PuzzleEmbedding):
+            real = table.sign_update
+            table.sign_update = lambda lr, wd, gather=None: (seen["table"].append(lr), real(lr, wd, gather))[1]
+        cli.trainer.callbacks.append(Spy())
+        cli.trainer.fit(cli.model, cli.datamodule)
+        assert type(cli.trainer.optimizers[0]).__name__ == "AdamATan2"
+    assert seen["trm"] == pytest.approx([5e-8, 1e-7, 1.5e-7] * 2)
+    assert seen["encoder"] == pytest.approx([2.5e-8, 5e-8, 7.5e-8])
+    assert seen["table"] == pytest.approx([5e-6, 1e-5, 1.5e-5])

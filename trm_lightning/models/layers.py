@@ -27,9 +27,18 @@ def trunc_normal_(tensor: Tensor, std: float) -> Tensor:
     return nn.init.trunc_normal_(tensor, mean=0.0, std=s, a=-2 * s, b=2 * s)
 
 
-def lecun_linear(in_features: int, out_features: int, bias: bool = False) -> nn.Linear:
-    """``nn.Linear`` with truncated LeCun-normal weights (std 1/sqrt(fan_in)) and zero bias."""
-    layer = nn.Linear(in_features, out_features, bias=bias)
+class CastedLinear(nn.Linear):
+    """``nn.Linear`` that computes in its input's dtype (TRM's ``CastedLinear``): fp32 master weights, cast to bf16
+    when the activations are bf16 (``forward_dtype: bfloat16``); with fp32 inputs it is ``nn.Linear`` exactly."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.weight.to(x.dtype), bias)
+
+
+def lecun_linear(in_features: int, out_features: int, bias: bool = False) -> CastedLinear:
+    """A :class:`CastedLinear` with truncated LeCun-normal weights (std 1/sqrt(fan_in)) and zero bias."""
+    layer = CastedLinear(in_features, out_features, bias=bias)
     with torch.no_grad():
         trunc_normal_(layer.weight, 1.0 / math.sqrt(in_features))
         if bias:
