@@ -19,7 +19,8 @@ def main() -> None:
     args = resolve_defaults(parser.parse_args())
     quiet()
     batches = args.steps + args.warmup
-    _, dm = build(args, f"--data.num_workers={args.workers}", f"--data.episodes_per_epoch={args.batch * batches}")
+    _, dm = build(args, "encoder", f"--data.num_workers={args.workers}",
+                  f"--data.episodes_per_epoch={args.batch * batches}")
     loader = iter(dm.train_dataloader())
     for _ in range(args.warmup):  # worker start-up is not throughput
         next(loader)

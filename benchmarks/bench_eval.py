@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import torch
 
-from common import (
-    autocast, base_parser, build, compare_conditionings, cycle, peak_tflops, quiet, resolve_defaults, timed, to_device,
-)
+from common import Side, autocast, base_parser, build, compare, cycle, peak_tflops, quiet, resolve_defaults, to_device
 from trm_lightning.flops import trm_rollout_flops
 
 
-def measure(args, conditioning: str) -> dict:
+def prepare(args, conditioning: str) -> Side:
     lit, dm = build(args, conditioning, f"--data.eval_batch_size={args.batch}")
     hp = lit.hparams
     model = lit.model.to(args.device).eval()
@@ -30,22 +28,26 @@ def measure(args, conditioning: str) -> dict:
         with autocast(args):
             model.rollout(next(feed))
 
-    seconds, peak = timed(rollout, args.steps, args.warmup, args.device)
     rows = batches[0]["inputs"].shape[0]
     flops = rows * trm_rollout_flops(hp.canvas_size, hp.halt_max_steps, hp.hidden_size, hp.expansion,
                                      hp.L_layers, hp.H_cycles, hp.L_cycles, hp.puzzle_emb_len)
-    record = dict(conditioning=conditioning, rows=rows, rollout_s=seconds, queries_per_s=rows / seconds,
-                  peak_mem_gib=peak, halt_max_steps=hp.halt_max_steps)
-    peak_t = peak_tflops(args.device)
-    if peak_t:
-        record["trm_core_mfu"] = flops / seconds / 1e12 / peak_t
-    return record
+
+    def describe(seconds: float, peak: float) -> dict:
+        record = dict(rows=rows, rollout_s=seconds, queries_per_s=rows / seconds, peak_mem_gib=peak,
+                      halt_max_steps=hp.halt_max_steps)
+        peak_t = peak_tflops(args.device)
+        if peak_t:
+            record["trm_core_mfu"] = flops / seconds / 1e12 / peak_t
+        return record
+
+    return Side(run=rollout, describe=describe)
 
 
 def main() -> None:
     args = resolve_defaults(base_parser(__doc__.splitlines()[0]).parse_args())
     quiet()
-    compare_conditionings(args, measure, "eval_rollout", "rollout_s")
+    sides = {c: prepare(args, c) for c in ("puzzle_emb", "encoder")}
+    compare(args, sides, "eval_rollout", "rollout_s", "encoder_overhead", "encoder", "puzzle_emb")
 
 
 if __name__ == "__main__":

@@ -1,14 +1,17 @@
 """Training-step speed: encoder-TRM against the same TRM with puzzle-id conditioning, same config, same run.
 
 One step = ``EncoderTRM.act_step`` (carry reset, conditioning on every row, one ACT step) + the ACT loss + backward
-+ the puzzle table's sign update (baseline) + AdamW, exactly what ``trm fit`` runs per optimizer step
-(:class:`common.TrainStep`).
++ the puzzle table's sign update (baseline) + the config's optimizer, exactly what ``trm fit`` runs per optimizer
+step (:class:`common.TrainStep`). The two sides are timed in alternation (``--repeats`` rounds of ``--steps``
+steps each, after ``--warmup``), so a busy machine slows both alike; figures are medians with their min and max.
 
     python benchmarks/bench_train.py --preset arc --batch 8          # CPU, the ARC config
     python benchmarks/bench_train.py --preset arc                     # GPU: bf16, 192 rows (TRM's per-GPU batch)
+    python benchmarks/bench_train.py --preset arc --batch 8 --optimizers   # AdamW against AdamATan2 (puzzle ids)
 
-Lines: ``bench train_step conditioning=<c> ...`` for each, then ``bench train_overhead encoder_overhead=<r>``
-(step time with the encoder / step time with puzzle ids).
+Lines: ``bench train_step conditioning=<c> step_s=<median> step_s_min=... step_s_max=...`` for each, then
+``bench train_overhead encoder_overhead=<r> encoder_overhead_min=... _max=...`` (encoder / puzzle ids). With
+``--optimizers``: ``bench train_step optimizer=<o> ...`` and ``bench train_overhead adam_atan2_over_adamw=<r>``.
 """
 
 from __future__ import annotations
@@ -16,23 +19,21 @@ from __future__ import annotations
 import torch
 
 from common import (
-    TrainStep, base_parser, build, compare_conditionings, cycle, peak_tflops, quiet, resolve_defaults, timed, to_device,
+    Side, TrainStep, base_parser, build, compare, cycle, peak_tflops, quiet, resolve_defaults, to_device,
 )
 from trm_lightning.flops import encoder_step_flops, trm_step_flops
-from trm_lightning.optim import named_param_groups
+from trm_lightning.optim import build_optimizer, named_param_groups
 
 
-def measure(args, conditioning: str) -> dict:
+def prepare(args, conditioning: str, optimizer_name: str | None = None) -> Side:
     lit, dm = build(args, conditioning)
     hp = lit.hparams
     lit.to(args.device).train()
-    loader = dm.train_dataloader()
-    batches = [to_device(b, args.device) for _, b in zip(range(4), loader)]
+    batches = [to_device(b, args.device) for _, b in zip(range(4), dm.train_dataloader())]
     modules = {"encoder": lit.model.conditioner, "trm": lit.model.trm}
     groups = named_param_groups(modules, {"encoder": hp.lr, "trm": hp.lr})
-    optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=(hp.beta1, hp.beta2), weight_decay=hp.weight_decay)
+    optimizer = build_optimizer(optimizer_name or hp.optimizer, groups, hp.lr, (hp.beta1, hp.beta2), hp.weight_decay)
     feed, step = cycle(batches), TrainStep(lit, optimizer, args)
-    seconds, peak = timed(lambda: step(next(feed)), args.steps, args.warmup, args.device)
     rows = args.batch
     tokens = rows * (hp.puzzle_emb_len + hp.canvas_size**2)
     valid_demos = torch.cat([b["demo_mask"].sum(1).float() for b in batches]).mean().item()
@@ -48,27 +49,35 @@ def measure(args, conditioning: str) -> dict:
     if encoder is not None:
         enc_flops = rows * encoder_step_flops(valid_demos, hp.canvas_size, hp.hidden_size, hp.expansion,
                                               encoder["num_layers"], tokens_per_demo)
-    tflops = (trm_flops + enc_flops) / seconds / 1e12
-    record = dict(
-        conditioning=conditioning, rows=rows, step_s=seconds, samples_per_s=rows / seconds,
-        tokens_per_s=tokens / seconds, peak_mem_gib=peak, valid_demos_per_row=valid_demos,
-        encoder_tokens_per_demo=tokens_per_demo,
-        gflop_per_step=(trm_flops + enc_flops) / 1e9, tflops=tflops,
-    )
-    peak_t = peak_tflops(args.device)
-    if peak_t:
-        record["mfu"] = tflops / peak_t
-        record["trm_core_mfu"] = trm_flops / seconds / 1e12 / peak_t
-    del lit, step, optimizer, batches
-    if args.device.startswith("cuda"):
-        torch.cuda.empty_cache()
-    return record
+
+    def describe(seconds: float, peak: float) -> dict:
+        tflops = (trm_flops + enc_flops) / seconds / 1e12
+        record = dict(
+            rows=rows, optimizer=optimizer_name or hp.optimizer, step_s=seconds, samples_per_s=rows / seconds,
+            tokens_per_s=tokens / seconds, peak_mem_gib=peak, valid_demos_per_row=valid_demos,
+            encoder_tokens_per_demo=tokens_per_demo, gflop_per_step=(trm_flops + enc_flops) / 1e9, tflops=tflops,
+        )
+        peak_t = peak_tflops(args.device)
+        if peak_t:
+            record["mfu"] = tflops / peak_t
+            record["trm_core_mfu"] = trm_flops / seconds / 1e12 / peak_t
+        return record
+
+    return Side(run=lambda: step(next(feed)), describe=describe)
 
 
 def main() -> None:
-    args = resolve_defaults(base_parser(__doc__.splitlines()[0]).parse_args())
+    parser = base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--optimizers", action="store_true",
+                        help="compare AdamW and AdamATan2 (puzzle-id conditioning) instead of the two conditionings")
+    args = resolve_defaults(parser.parse_args())
     quiet()
-    compare_conditionings(args, measure, "train_step", "step_s")
+    if args.optimizers:
+        sides = {name: prepare(args, "puzzle_emb", name) for name in ("adamw", "adam_atan2")}
+        compare(args, sides, "train_step", "step_s", "adam_atan2_over_adamw", "adam_atan2", "adamw", "optimizer")
+        return
+    sides = {c: prepare(args, c) for c in ("puzzle_emb", "encoder")}
+    compare(args, sides, "train_step", "step_s", "encoder_overhead", "encoder", "puzzle_emb")
 
 
 if __name__ == "__main__":

@@ -14,9 +14,11 @@ import contextlib
 import datetime
 import json
 import platform
+import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -46,9 +48,13 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=None, help="rows per step (default: 8 on CPU, 192 on a GPU)")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default: 3 on CPU, 20 on a GPU)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 1 CPU, 5 GPU)")
+    p.add_argument("--repeats", type=int, default=5,
+                   help="timed repeats of --steps calls each; figures are their median, with min and max")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", choices=["32", "bf16"], default=None,
                    help="autocast dtype (default: bf16 on a GPU, 32 on CPU where bf16 is slower)")
+    p.add_argument("--forward-dtype", choices=["float32", "bfloat16"], default=None,
+                   help="model.forward_dtype (default: the config's; the ARC preset's is bfloat16, TRM's)")
     p.add_argument("--compile", action="store_true", help="model.compile=true: torch.compile the TRM core's net and the demo encoder")
     p.add_argument("--crop-buckets", type=int, default=None,
                    help="model.conditioner.crop_buckets (default: the config's; 0 encodes the whole canvas)")
@@ -79,12 +85,14 @@ def build(args: argparse.Namespace, conditioning: str, *extra: str):
             f"--data.global_batch_size={args.batch}",
             f"--data.episodes_per_epoch={max(args.batch, 1) * 4}",
             "--data.num_workers=0",
-            f"--model.conditioner={CONDITIONERS[conditioning]}",
             f"--model.compile={args.compile}",
-            *([] if args.crop_buckets is None or conditioning != "encoder"
-              else [f"--model.conditioner.crop_buckets={args.crop_buckets}"]),
+            *([] if args.forward_dtype is None else [f"--model.forward_dtype={args.forward_dtype}"]),
             *args.overrides,
             *extra,
+            # after the overrides: choosing another conditioner class drops the encoder knobs they may set
+            f"--model.conditioner={CONDITIONERS[conditioning]}",
+            *([] if args.crop_buckets is None or conditioning != "encoder"
+              else [f"--model.conditioner.crop_buckets={args.crop_buckets}"]),
         ],
         run=False,
     )
@@ -149,6 +157,55 @@ def timed(fn: Callable[[], None], steps: int, warmup: int, device: str) -> tuple
     return seconds, peak
 
 
+@dataclass
+class Side:
+    """One side of a comparison: ``run`` is one timed call; ``describe(seconds, peak)`` its record fields."""
+
+    run: Callable[[], None]
+    describe: Callable[[float, float], dict]
+
+
+def interleaved(args: argparse.Namespace, sides: dict[str, Side]) -> dict[str, list[tuple[float, float]]]:
+    """Warm every side up, then ``args.repeats`` rounds in which each side in turn times ``args.steps`` calls, so a
+    busy machine slows both sides of a ratio alike. Returns ``{label: [(seconds per call, peak GiB), ...]}``."""
+    for side in sides.values():
+        for _ in range(args.warmup):
+            side.run()
+    sync(args.device)
+    times: dict[str, list[tuple[float, float]]] = {label: [] for label in sides}
+    for _ in range(args.repeats):
+        for label, side in sides.items():
+            times[label].append(timed(side.run, args.steps, 0, args.device))
+    return times
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    """``median``, ``min`` and ``max`` of ``values``."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def compare(args: argparse.Namespace, sides: dict[str, Side], name: str, seconds_key: str, ratio_name: str,
+            numerator: str, denominator: str, label_key: str = "conditioning") -> None:
+    """Time ``sides`` interleaved and emit, per side, ``bench <name> <label_key>=<label> <seconds_key>=<median>
+    <seconds_key>_min=... <seconds_key>_max=... ...``; then the ratio ``numerator / denominator`` of the medians with
+    the min and max of the per-round ratios: ``bench <name>_overhead <ratio_name>=<r> <ratio_name>_min=...``."""
+    times = interleaved(args, sides)
+    rows = None
+    for label, side in sides.items():
+        seconds = [s for s, _ in times[label]]
+        stats = spread(seconds)
+        peak = max(p for _, p in times[label])
+        record = {label_key: label, **side.describe(stats["median"], peak)}
+        record.update({f"{seconds_key}_min": stats["min"], f"{seconds_key}_max": stats["max"],
+                       "repeats": args.repeats})
+        rows = record.get("rows", rows)
+        emit(name, args, **record)
+    ratios = [a / b for (a, _), (b, _) in zip(times[numerator], times[denominator])]
+    medians = spread([s for s, _ in times[numerator]])["median"] / spread([s for s, _ in times[denominator]])["median"]
+    emit(f"{name.split('_')[0]}_overhead", args, rows=rows, **{ratio_name: medians, f"{ratio_name}_min": min(ratios),
+                                                             f"{ratio_name}_max": max(ratios)})
+
+
 def device_name(device: str) -> str:
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(torch.device(device))
@@ -177,6 +234,7 @@ def emit(name: str, args: argparse.Namespace, **fields) -> None:
         "precision": args.precision,
         "overrides": args.overrides,
         "compile": bool(getattr(args, "compile", False)),
+        "forward_dtype": getattr(args, "forward_dtype", None),  # None: the config's
         "crop_buckets": getattr(args, "crop_buckets", None),  # None: the config's
         **fields,
     }
@@ -195,14 +253,3 @@ def quiet() -> None:
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
     for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
         logging.getLogger(name).setLevel(logging.ERROR)
-
-
-def compare_conditionings(args: argparse.Namespace, measure: Callable, name: str, seconds_key: str) -> None:
-    """Measure puzzle-id conditioning, then the encoder (same config, same run); emit both and their ratio
-    as ``bench <name>_overhead encoder_overhead=<encoder seconds / puzzle-id seconds>``."""
-    results = {}
-    for conditioning in ("puzzle_emb", "encoder"):
-        results[conditioning] = measure(args, conditioning)
-        emit(name, args, **results[conditioning])
-    ratio = results["encoder"][seconds_key] / results["puzzle_emb"][seconds_key]
-    emit(f"{name.split('_')[0]}_overhead", args, rows=results["encoder"]["rows"], encoder_overhead=ratio)

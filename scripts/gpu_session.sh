@@ -35,6 +35,8 @@ if [ "${1:-all}" = speed ]; then
   run timeout 100 python3 benchmarks/bench_train.py $A                      # demos cropped (default), eager
   run timeout 100 python3 benchmarks/bench_train.py $A --crop-buckets 0     # the whole canvas, eager
   run timeout 150 python3 benchmarks/bench_train.py $A --compile            # cropped + compiled TRM net
+  run timeout 150 python3 benchmarks/bench_train.py $A --compile --forward-dtype float32   # fp32 stream (before)
+  run timeout 150 python3 benchmarks/bench_train.py $A --optimizers         # AdamW against AdamATan2
   run timeout 100 python3 benchmarks/bench_eval.py --preset arc --batch 192 --steps 2 --warmup 1 $J
   run timeout 150 scripts/gpu_smoke.sh --model.compile true
   echo "gpu_session: done"; exit 0
