@@ -393,8 +393,9 @@ class ARCVoteEvaluator:
             out.append({"task_id": task.task_id, "task_index": t, "score": score, "test_inputs": inputs})
         return out
 
-    def write(self, directory: str | os.PathLike) -> dict[str, Path]:
-        """Write ``submission.json`` and ``eval_details.json`` into ``directory`` (created if needed).
+    def write(self, directory: str | os.PathLike, extra: dict[str, Any] | None = None) -> dict[str, Path]:
+        """Write ``submission.json`` and ``eval_details.json`` into ``directory`` (created if needed); ``extra`` adds
+        top-level fields to the details (the protocol, the test-time adaptation results).
 
         Returns:
             ``{"submission": path, "details": path}``.
@@ -419,6 +420,7 @@ class ARCVoteEvaluator:
                 }
                 for k, r in results.items()
             },
+            **(extra or {}),
             "tasks": self.details(),
         }
         paths = {"submission": directory / SUBMISSION_FILE, "details": directory / EVAL_DETAILS_FILE}

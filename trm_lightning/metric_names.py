@@ -58,9 +58,10 @@ def is_train_metric(name: str) -> bool:
 ARC_PASS_PREFIX = "ARC/pass@"
 
 
-def pass_at(k: int) -> str:
-    """``ARC/pass@2``: the percentage of evaluated tasks solved within ``k`` attempts."""
-    return f"{ARC_PASS_PREFIX}{k}"
+def pass_at(k: int, adaptation: str | None = None) -> str:
+    """``ARC/pass@2``: the percentage of evaluated tasks solved within ``k`` attempts; ``ARC/pass@2_context`` with
+    test-time adaptation ``context`` (``trm_lightning.adaptation``)."""
+    return f"{ARC_PASS_PREFIX}{k}" + (f"_{adaptation}" if adaptation else "")
 
 
 # ------------------------------------------------------------------ learning rates

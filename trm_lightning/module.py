@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping
+from dataclasses import asdict
 from typing import Any, Literal
 
 import torch
@@ -31,7 +32,7 @@ from trm_lightning import resume
 from trm_lightning.architecture import architecture_mismatch, conditioner_spec
 from trm_lightning.checks import check_at_least, check_divisible, check_greater, check_probability, check_range
 from trm_lightning.errors import ConfigError
-from trm_lightning.evaluation import ARCVoteEvaluator
+from trm_lightning.adaptation import AdaptationConfig, VotingRun, protocol
 from trm_lightning.losses import act_loss
 from trm_lightning.metric_names import LR, TEST, TRAIN, VAL_VIEWS, pass_at, split_metric
 from trm_lightning.metrics import ACTMetrics
@@ -66,6 +67,14 @@ def check_arguments(hp: Mapping[str, Any]) -> None:
     check_probability("model.lr_min_ratio", hp["lr_min_ratio"])
     check_range("model.beta1", hp["beta1"], 0.0, 1.0, high_open=True)
     check_range("model.beta2", hp["beta2"], 0.0, 1.0, high_open=True)
+
+
+def _adaptation_config(value: AdaptationConfig | Mapping[str, Any] | None) -> AdaptationConfig | None:
+    """The adaptation config from what ``__init__`` got (an instance, or a mapping as a checkpoint stores it)."""
+    if value is None or isinstance(value, AdaptationConfig):
+        return value
+    return AdaptationConfig(**dict(vars(value) if hasattr(value, "__dict__") and not isinstance(value, Mapping)
+                                   else value))
 
 
 def _factory(conditioner: ConditionerFactory | Mapping[str, Any]) -> ConditionerFactory:
@@ -124,6 +133,9 @@ class TRMLitModule(LightningModule):
             prints what data that checkpoint was trained on and whether it saw this run's evaluation tasks.
         puzzle_emb_lr: SignSGD learning rate of the puzzle table (TRM ARC: 1e-2), same warmup/cosine shape.
         puzzle_emb_weight_decay: decoupled weight decay of the touched table rows (TRM ARC: 0.1).
+        adaptation: test-time adaptation for ``trm test`` and ``trm predict``, none by default: e.g.
+            ``--model.adaptation.methods '[context, finetune]'`` adapts every evaluation task on its own demo pairs
+            (never its test outputs) and prints each result beside the unadapted one (trm_lightning/adaptation.py).
     """
 
     def __init__(
@@ -157,10 +169,13 @@ class TRMLitModule(LightningModule):
         trm_init_ckpt: str | None = None,
         puzzle_emb_lr: float = 1e-2,
         puzzle_emb_weight_decay: float = 0.1,
+        adaptation: AdaptationConfig | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         check_arguments(self.hparams)
+        self._adaptation = _adaptation_config(self.hparams["adaptation"])
+        self.hparams["adaptation"] = asdict(self._adaptation) if self._adaptation is not None else None
         # plain data (class_path + init_args, defaults filled in): checkpoints load with weights_only=True
         self.hparams["conditioner"] = conditioner_spec(self.hparams["conditioner"])
         self.model = self._build_model()
@@ -175,7 +190,7 @@ class TRMLitModule(LightningModule):
         self.val_metrics = torch.nn.ModuleDict({view: ACTMetrics() for view in VAL_VIEWS})
         self.test_metrics = ACTMetrics()
         self._carry: ACTCarry | None = None  # plain attribute: never a buffer, never averaged by EMA
-        self._evaluator: ARCVoteEvaluator | None = None
+        self._votes: VotingRun | None = None
         self._resumed_state: dict | None = None  # per-rank carry + RNG from a checkpoint, applied at train start
         self._schedule = None  # the lr factor of each optimizer step (configure_optimizers), the table follows it
 
@@ -285,63 +300,75 @@ class TRMLitModule(LightningModule):
                 self.log_dict({split_metric(view, k): v for k, v in values.items()}, on_epoch=True)
             metrics.reset()
 
-    def on_test_epoch_start(self) -> None:
+    def _start_votes(self) -> None:
         dm = self.trainer.datamodule
-        # a new evaluator per test run: votes never pool across checkpoints or runs
-        self._evaluator = ARCVoteEvaluator(dm.eval_tasks, seed=dm.seed)
+        # a new evaluator per run: votes never pool across checkpoints or runs; the adaptation's buffers (weights
+        # copies, moments) must be ordinary tensors, which Lightning's inference mode here would not make
+        with torch.inference_mode(False):
+            self._votes = VotingRun(self.model, dm.eval_tasks, dm.test_aug_indices, dm.seed, dm.task_demos,
+                                    self._adaptation, progress=self.trainer.is_global_zero)
+
+    def on_test_epoch_start(self) -> None:
+        self._start_votes()
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
         out = self._eval_step(batch, self.test_metrics)
-        self._evaluator.add_batch(
-            batch["task_index"], batch["query_index"], batch["aug_index"], out["predictions"], out["q_halt_logits"]
-        )
+        self._votes.add_batch(batch, out["predictions"], out["q_halt_logits"])
         return out
 
     def on_test_epoch_end(self) -> None:
         values = self.test_metrics.compute()
         self.log_dict({split_metric(TEST, k): v for k, v in values.items()}, on_epoch=True)
         self.test_metrics.reset()
-        evaluator, self._evaluator = self._evaluator, None
-        evaluator.gather(self.trainer.strategy)  # every rank: one all_gather of the votes
-        results = evaluator.results()
-        self.log_dict({pass_at(k): torch.tensor(r.percent) for k, r in results.items()}, on_epoch=True)
-        written = self._write_votes(evaluator)
+        votes = self._finish_votes()
+        for method, evaluator in votes.evaluators.items():
+            self.log_dict({pass_at(k, method): torch.tensor(r.percent) for k, r in evaluator.results().items()},
+                          on_epoch=True)
+        written = self._write_votes(votes)
         if self.trainer.is_global_zero:
-            for r in results.values():
+            for r in votes.evaluators[None].results().values():
                 print(r, flush=True)
-            print(f"votes from {len(evaluator)} rows; {written}", flush=True)
+            if votes.methods:
+                print(votes.cost(), flush=True)
+                print(votes.side_by_side(2), flush=True)
+            print(f"votes from {len(votes.final)} rows; {written}", flush=True)
 
-    def _write_votes(self, evaluator: ARCVoteEvaluator) -> str:
-        """Write ``submission.json`` and ``eval_details.json`` into the run directory (rank 0); say where. Every rank
-        calls this (``trainer.log_dir`` is a broadcast under DDP). A run without a directory (``fast_dev_run``)
-        writes nothing rather than into the working directory."""
+    def _finish_votes(self) -> VotingRun:
+        votes, self._votes = self._votes, None
+        votes.gather(self.trainer.strategy)  # every rank: one all_gather of the votes per evaluator
+        return votes
+
+    def _write_votes(self, votes: VotingRun) -> str:
+        """Write ``submission.json`` (the last method's votes) and ``eval_details.json`` (with every result's
+        protocol) into the run directory (rank 0); say where. Every rank calls this (``trainer.log_dir`` is a
+        broadcast under DDP). A run without a directory (``fast_dev_run``) writes nothing rather than into the
+        working directory."""
         out_dir = self.trainer.log_dir
         if not self.trainer.is_global_zero:
             return ""
         if out_dir is None:
             return "nothing written (this run has no run directory)"
-        paths = evaluator.write(out_dir)
+        train_on_eval = bool(self.trainer.datamodule.train_on_eval_demos)
+        final = votes.methods[-1] if votes.methods else None
+        extra = {"protocol": protocol(self._adaptation, final, train_on_eval), "results": votes.record(train_on_eval)}
+        paths = votes.final.write(out_dir, extra)
         return f"wrote {paths['submission']} and {paths['details']}"
 
     # ---------------------------------------------------------------------------------------- prediction
     def on_predict_epoch_start(self) -> None:
-        dm = self.trainer.datamodule
-        self._evaluator = ARCVoteEvaluator(dm.eval_tasks, seed=dm.seed)
+        self._start_votes()
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         """Votes only: nothing is returned, so Lightning keeps no predictions in memory."""
         logits, q_halt, _ = self.model.rollout(batch)
-        self._evaluator.add_batch(
-            batch["task_index"], batch["query_index"], batch["aug_index"], logits.argmax(-1), q_halt
-        )
+        self._votes.add_batch(batch, logits.argmax(-1), q_halt)
 
     def on_predict_epoch_end(self) -> None:
-        evaluator, self._evaluator = self._evaluator, None
-        evaluator.gather(self.trainer.strategy)  # every rank: one all_gather of the votes
-        written = self._write_votes(evaluator)
+        votes = self._finish_votes()
+        written = self._write_votes(votes)
         if self.trainer.is_global_zero:
-            tasks = len(evaluator.evaluated_task_indices)
-            print(f"predict: {tasks} tasks, votes from {len(evaluator)} rows; {written}", flush=True)
+            tasks = len(votes.final.evaluated_task_indices)
+            print(f"predict: {tasks} tasks, votes from {len(votes.final)} rows; {written}", flush=True)
 
     # ---------------------------------------------------------------------------------------- optimiser
     def on_before_optimizer_step(self, optimizer) -> None:

@@ -213,9 +213,9 @@ def test_csv_and_markdown_hold_every_column(report):
     assert "❌ crashed: RuntimeError: injected failure at step 3" in crash and "trainer.max_steps: 4 → 6" in crash
     base = next(x for x in text.splitlines() if x.startswith("| R0_base/version_0 |"))
     solved = int(rows["R0_base/version_0"].arc_pass2_solved)
-    assert "| baseline | ✅ finished |" in base and f"pass@2 {solved}/6 (R0_test/version_0) | 4 steps in" in base
+    assert "| baseline | ✅ finished |" in base and f"pass@2 {solved}/6 (held-out) (R0_test/version_0) | 4 steps in" in base
     test = next(x for x in text.splitlines() if x.startswith("| R0_test/version_0 |"))
-    assert test.endswith(f"| none | ✅ finished | pass@2 {solved}/6 | test run of R0_base/version_0 |")
+    assert test.endswith(f"| none | ✅ finished | pass@2 {solved}/6 (held-out) | test run of R0_base/version_0 |")
     assert lines["R0_test/version_0"]["checkpoint_from"] == "R0_base/version_0"
     assert "## Encoder diagnostics at the end" in text and "encoder_cross_sample_var" in text
 

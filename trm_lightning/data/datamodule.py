@@ -10,7 +10,7 @@ import lightning
 import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, default_collate
 
 from trm_lightning.data.arc import ArcTask, load_source
 from trm_lightning.data.augment import evaluation_augmentations
@@ -21,9 +21,11 @@ from trm_lightning.data.episodes import (
     EpisodeLoader,
     EpisodeSampler,
     KeyedEpisodes,
+    TaskDemos,
     query_episodes,
 )
 from trm_lightning.errors import ConfigError
+from trm_lightning.vocab import IGNORE_LABEL
 from trm_lightning.trainer_state import batches_done_this_epoch
 
 
@@ -373,6 +375,23 @@ class ARCDataModule(lightning.LightningDataModule):
             split, aug_indices, task_indices=task_indices, include_unlabelled=include_unlabelled
         )
         return self._loader(episodes, self._eval_batch_size(), shuffle=False)
+
+    def task_demos(self, task_index: int, versions: Sequence[int]) -> TaskDemos:
+        """What test-time adaptation reads of evaluation task ``task_index``: its demo pairs only, under each of the
+        augmentation indices ``versions`` (a :class:`~trm_lightning.adaptation.TaskDemos`). Never its test outputs:
+        the leave-one-out rows' queries are demo pairs, and the one row per version that carries all the demos has
+        its query's labels removed."""
+        self.setup()
+        task = self.eval_tasks[task_index]
+        episodes = self.queries("eval", [], task_indices=[task_index]).episodes
+        versions = list(versions)
+        full = default_collate([episodes[EpisodeKey(task_index, 0, v)] for v in versions])
+        full["labels"] = torch.full_like(full["labels"], IGNORE_LABEL)
+        if len(task.train) < 2:
+            return TaskDemos(None, None, versions, full)
+        keys = [EpisodeKey(task_index, i, v, leave_one_out=True) for v in versions for i in range(len(task.train))]
+        slots = torch.tensor([j for j in range(len(versions)) for _ in range(len(task.train))])
+        return TaskDemos(default_collate([episodes[k] for k in keys]), slots, versions, full)
 
     def val_seen_task_indices(self) -> list[int]:
         """Indices into ``train_tasks`` of the ``val_seen`` tasks (a fixed choice from ``seed``)."""

@@ -392,3 +392,21 @@ def query_episodes(
         chosen = set(task_indices)
         keys = [key for key in keys if key.task_index in chosen]
     return KeyedEpisodes(dataset, keys)
+
+
+@dataclass
+class TaskDemos:
+    """What adapting one evaluation task reads: only its demo pairs.
+
+    Attributes:
+        leave_one_out: a batch of every demo pair as the query (the others as demos), under each version, rows
+            ordered version by version; None when the task has fewer than two demos (nothing to learn from).
+        version_of_row: (rows,) the position in ``versions`` of each leave-one-out row.
+        versions: the augmentation indices adapted (one context each for ``context``).
+        full: one row per version with all the demos (its query is irrelevant: only the demos are read).
+    """
+
+    leave_one_out: dict[str, torch.Tensor] | None
+    version_of_row: torch.Tensor | None
+    versions: list[int]
+    full: dict[str, torch.Tensor]

@@ -37,6 +37,7 @@ class Row:
     arc_pass2_tasks: int | None
     arc_pass2_percent: float | None
     arc_pass2_source: str | None  # the run whose evaluation gave the pass@2 (itself or a `trm test` run)
+    arc_pass2_protocol: str | None  # held-out / held-out + test-time adaptation (...) / TRM protocol
     first_alert_step: int | None
     first_alert_rule: str | None
     alerts: int
@@ -167,6 +168,7 @@ def build_row(run: Run, baseline: Run | None, now: float, stale_after_s: float) 
         arc_pass2_tasks=tasks,
         arc_pass2_percent=percent,
         arc_pass2_source=run.id if percent is not None else None,
+        arc_pass2_protocol=(run.eval_details or {}).get("protocol") if percent is not None else None,
         first_alert_step=alerts[0]["step"] if alerts else None,
         first_alert_rule=alerts[0]["rule"] if alerts else None,
         alerts=len(alerts),
@@ -192,3 +194,4 @@ def link_checkpoint_runs(rows: list[Row], runs: list[Run]) -> None:
         if row.stage != "fit" and row.arc_pass2_percent is not None and fit_row.arc_pass2_source != fit_row.run:
             fit_row.arc_pass2_solved, fit_row.arc_pass2_tasks = row.arc_pass2_solved, row.arc_pass2_tasks
             fit_row.arc_pass2_percent, fit_row.arc_pass2_source = row.arc_pass2_percent, row.run
+            fit_row.arc_pass2_protocol = row.arc_pass2_protocol

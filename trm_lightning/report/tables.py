@@ -18,7 +18,7 @@ CSV_COLUMNS = (
     "run", "stage", "hypothesis", "change", "status", "status_detail", "steps", "wall_s",
     "peak_train_accuracy", "peak_train_accuracy_step", "final_train_accuracy",
     "best_val_exact_accuracy", "best_val_exact_accuracy_step",
-    "arc_pass2_solved", "arc_pass2_tasks", "arc_pass2_percent", "arc_pass2_source",
+    "arc_pass2_solved", "arc_pass2_tasks", "arc_pass2_percent", "arc_pass2_source", "arc_pass2_protocol",
     "first_alert_step", "first_alert_rule", "alerts", "checkpoint_from", "diagnostics_step", *DIAGNOSTICS,
 )
 
@@ -47,7 +47,8 @@ def change_text(row: Row, limit: int | None = None) -> str:
 def pass2_text(row: Row) -> str:
     """``3/400`` (counts) or ``0.75%`` (only the logged percentage), empty without an evaluation."""
     if row.arc_pass2_tasks is not None:
-        return f"{_count(row.arc_pass2_solved)}/{row.arc_pass2_tasks}"
+        protocol = f" ({row.arc_pass2_protocol})" if row.arc_pass2_protocol else ""
+        return f"{_count(row.arc_pass2_solved)}/{row.arc_pass2_tasks}{protocol}"
     return "" if row.arc_pass2_percent is None else f"{row.arc_pass2_percent:.2f}%"
 
 
@@ -132,7 +133,8 @@ def csv_record(row: Row) -> dict[str, object]:
         "final_train_accuracy": row.final_train_accuracy, "best_val_exact_accuracy": row.best_val_exact_accuracy,
         "best_val_exact_accuracy_step": row.best_val_exact_accuracy_step, "arc_pass2_solved": row.arc_pass2_solved,
         "arc_pass2_tasks": row.arc_pass2_tasks, "arc_pass2_percent": row.arc_pass2_percent,
-        "arc_pass2_source": row.arc_pass2_source, "first_alert_step": row.first_alert_step,
+        "arc_pass2_source": row.arc_pass2_source, "arc_pass2_protocol": row.arc_pass2_protocol,
+        "first_alert_step": row.first_alert_step,
         "first_alert_rule": row.first_alert_rule, "alerts": row.alerts, "checkpoint_from": row.checkpoint_from,
         "diagnostics_step": row.diagnostics_step,
         **row.diagnostics,
