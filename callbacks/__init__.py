@@ -3,13 +3,17 @@
 from callbacks.alert_rules import (
     AccuracyCollapse,
     AlertRule,
+    CumulativeDrift,
+    IgnoredEncoder,
     NonFinite,
+    OutputMeanShift,
     ProbeDrift,
     QHaltRising,
     RepresentationCollapse,
 )
 from callbacks.collapse_alert import CollapseAlert, CollapseAlertError
 from callbacks.context_reliance import ContextReliance
+from callbacks.dashboard import Dashboard
 from callbacks.ema import EMA
 from callbacks.encoder_diagnostics import EncoderDiagnostics
 from callbacks.grad_norms import GradNorms
@@ -19,6 +23,6 @@ from callbacks.lr_monitor import LearningRates
 from callbacks.run_status import RunStatus
 from callbacks.run_summary import RunSummary
 
-__all__ = ["AccuracyCollapse", "AlertRule", "CollapseAlert", "CollapseAlertError", "ContextReliance", "EMA",
-           "EncoderDiagnostics", "GradNorms", "GridImages", "LastCheckpoint", "LearningRates", "NonFinite", "ProbeDrift", "QHaltRising",
+__all__ = ["AccuracyCollapse", "AlertRule", "CollapseAlert", "CollapseAlertError", "ContextReliance", "CumulativeDrift", "Dashboard", "EMA",
+           "EncoderDiagnostics", "GradNorms", "GridImages", "IgnoredEncoder", "LastCheckpoint", "LearningRates", "NonFinite", "OutputMeanShift", "ProbeDrift", "QHaltRising",
            "RepresentationCollapse", "RunStatus", "RunSummary"]

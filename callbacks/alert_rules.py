@@ -5,13 +5,21 @@ Each rule has its thresholds, a ``patience`` (consecutive checks) and an ``actio
 name such as ``RepresentationCollapse`` resolves) and ``trm fit --help`` documents them. What each reads:
 
 - :class:`RepresentationCollapse` (record name ``representation_collapse``): ``diagnostics/encoder_normalized_var``
-  below ``min_normalized_var``, or ``diagnostics/encoder_cross_task_cosine`` above ``max_cross_task_cosine``;
-- :class:`ProbeDrift` (``drift``): ``diagnostics/probe_drift_cosine`` above ``max_probe_drift_cosine``, or
-  ``diagnostics/probe_drift_rel_l2`` above ``max_probe_drift_rel_l2`` (EncoderDiagnostics' probe);
+  below ``min_normalized_var``, or ``diagnostics/encoder_cross_task_cosine`` above ``max_cross_task_cosine``, while
+  the probe tasks are no longer told apart (``probe_retrieval_acc`` at most ``max_probe_retrieval``);
+- :class:`ProbeDrift` (``drift``): a jump, ``diagnostics/probe_drift_cosine`` (since the previous probe check)
+  above ``max_probe_drift_cosine`` or ``probe_drift_rel_l2`` above ``max_probe_drift_rel_l2``; patience 1;
+- :class:`CumulativeDrift` (``cumulative_drift``): ``diagnostics/probe_window_drift_cosine`` (since
+  ``drift_window`` probe checks ago) above ``max_window_drift_cosine``: a slow drift;
+- :class:`OutputMeanShift` (``output_mean_shift``): ``|encoder_output_mean|`` as a fraction of the values' RMS above
+  ``max_mean_fraction``;
 - :class:`AccuracyCollapse` (``accuracy_collapse``): ``train/accuracy`` below ``(1 - drop) x`` its running peak,
   once the peak has reached ``min_peak`` (the seed's E0 failure: 0.7 down to 0);
 - :class:`QHaltRising` (``q_halt_rising``): ``train/q_halt_loss`` higher than at the previous check, ``patience``
   checks in a row (each rise by more than ``min_rise`` relative);
+- :class:`IgnoredEncoder` (``ignored_encoder``): shuffling the contexts across tasks costs less than ``min_drop``
+  cell accuracy (ContextReliance, at validations or during training), ``patience`` checks in a row, while the
+  training accuracy rises: the TRM memorises tasks from the query alone;
 - :class:`NonFinite` (``nonfinite``): a non-finite training loss or gradient on any rank since the previous check
   (CollapseAlert counts them every step). Patience 1; the only rule checked during ``warmup_steps``.
 
@@ -93,6 +101,10 @@ class AlertRule(ABC):
             if name in state:
                 setattr(self, name, state[name])
 
+    def limits(self) -> dict[str, float]:
+        """``{metric: limit}`` for each metric this rule compares with a fixed line (the dashboard draws it)."""
+        return {}
+
     @abstractmethod
     def thresholds(self) -> dict[str, float | None]:
         """The limits this rule compares against, as written in the alert record."""
@@ -134,34 +146,59 @@ def _under(values: Mapping[str, float], key: str, limit: float | None) -> bool:
 
 
 class RepresentationCollapse(AlertRule):
-    """The encoder says the same thing for every task: low normalised variance or high cross-task cosine.
+    """The encoder says the same thing for every task: low normalised variance or high cross-task cosine, while
+    the probe tasks are no longer told apart (retrieval at most ``max_probe_retrieval``).
+
+    The retrieval condition separates collapse from a common offset: adding the same vector to every context also
+    lowers the normalised variance and raises the cosine, but every task still finds its own other view.
 
     Args:
         min_normalized_var: fires below this ``diagnostics/encoder_normalized_var`` (None: not tested).
         max_cross_task_cosine: fires above this ``diagnostics/encoder_cross_task_cosine`` (None: not tested).
+        max_probe_retrieval: and only while the latest ``diagnostics/probe_retrieval_acc`` is at most this (None, or
+            no probe: not required).
         patience: consecutive batch-statistics checks before it fires.
         action: warn, stop or raise.
     """
 
     name = "representation_collapse"
-    keys = (names.ENCODER_NORMALIZED_VAR, names.ENCODER_CROSS_TASK_COSINE)
+    keys = (names.ENCODER_NORMALIZED_VAR, names.ENCODER_CROSS_TASK_COSINE, names.PROBE_RETRIEVAL_ACC)
+    state_attributes = ("streak", "retrieval")
+
+    def update(self, values, step: int = 0):
+        if names.PROBE_RETRIEVAL_ACC in values:
+            self.retrieval = float(values[names.PROBE_RETRIEVAL_ACC])
+        batch = {k: values[k] for k in self.keys[:2] if k in values}
+        return super().update(batch, step) if batch else None  # a probe-only check neither extends nor breaks it
 
     def __init__(self, min_normalized_var: float | None = 0.01, max_cross_task_cosine: float | None = 0.99,
-                 patience: int = 3, action: Action = "warn") -> None:
+                 max_probe_retrieval: float | None = 0.5, patience: int = 3, action: Action = "warn") -> None:
         super().__init__(patience, action)
         if min_normalized_var is None and max_cross_task_cosine is None:
             raise ConfigError(f"{type(self).__name__}: both thresholds are None; leave the rule out of the list instead")
         check_at_least(f"{type(self).__name__}.min_normalized_var", min_normalized_var, 0, allow_none=True)
         check_range(f"{type(self).__name__}.max_cross_task_cosine", max_cross_task_cosine, -1.0, 1.0, allow_none=True)
+        check_range(f"{type(self).__name__}.max_probe_retrieval", max_probe_retrieval, 0.0, 1.0, allow_none=True)
         self.min_normalized_var = min_normalized_var
         self.max_cross_task_cosine = max_cross_task_cosine
+        self.max_probe_retrieval = max_probe_retrieval
+        self.retrieval: float | None = None
 
     def thresholds(self):
-        return {"min_normalized_var": self.min_normalized_var, "max_cross_task_cosine": self.max_cross_task_cosine}
+        return {"min_normalized_var": self.min_normalized_var, "max_cross_task_cosine": self.max_cross_task_cosine,
+                "max_probe_retrieval": self.max_probe_retrieval}
+
+    def limits(self):
+        lines = {names.ENCODER_NORMALIZED_VAR: self.min_normalized_var,
+                 names.ENCODER_CROSS_TASK_COSINE: self.max_cross_task_cosine,
+                 names.PROBE_RETRIEVAL_ACC: self.max_probe_retrieval}
+        return {k: v for k, v in lines.items() if v is not None}
 
     def condition(self, values) -> bool:
-        return (_under(values, names.ENCODER_NORMALIZED_VAR, self.min_normalized_var)
-                or _over(values, names.ENCODER_CROSS_TASK_COSINE, self.max_cross_task_cosine))
+        told_apart = (self.max_probe_retrieval is not None and self.retrieval is not None
+                      and self.retrieval > self.max_probe_retrieval)
+        return not told_apart and (_under(values, names.ENCODER_NORMALIZED_VAR, self.min_normalized_var)
+                                   or _over(values, names.ENCODER_CROSS_TASK_COSINE, self.max_cross_task_cosine))
 
     def describe(self, values) -> str:
         parts = []
@@ -175,7 +212,8 @@ class RepresentationCollapse(AlertRule):
 
 
 class ProbeDrift(AlertRule):
-    """The probe tasks' encodings move between two probe checks by more than a threshold.
+    """The probe tasks' encodings jumped since the previous probe check, by more than a threshold (patience 1 by
+    default: a single jump fires; a slow drift never does here, see :class:`CumulativeDrift`).
 
     Args:
         max_probe_drift_cosine: fires above this ``diagnostics/probe_drift_cosine`` (mean 1 - cos to the previous
@@ -186,10 +224,10 @@ class ProbeDrift(AlertRule):
     """
 
     name = "drift"
-    keys = names.DRIFT_DIAGNOSTICS
+    keys = (names.PROBE_DRIFT_COSINE, names.PROBE_DRIFT_REL_L2)
 
-    def __init__(self, max_probe_drift_cosine: float | None = 0.3, max_probe_drift_rel_l2: float | None = None,
-                 patience: int = 2, action: Action = "warn") -> None:
+    def __init__(self, max_probe_drift_cosine: float | None = 0.2, max_probe_drift_rel_l2: float | None = None,
+                 patience: int = 1, action: Action = "warn") -> None:
         super().__init__(patience, action)
         if max_probe_drift_cosine is None and max_probe_drift_rel_l2 is None:
             raise ConfigError(f"{type(self).__name__}: both thresholds are None; leave the rule out of the list instead")
@@ -206,6 +244,9 @@ class ProbeDrift(AlertRule):
         return {"max_probe_drift_cosine": self.max_probe_drift_cosine,
                 "max_probe_drift_rel_l2": self.max_probe_drift_rel_l2}
 
+    def limits(self):
+        return {k: v for k, v in self._limits() if v is not None}
+
     def condition(self, values) -> bool:
         return any(_over(values, key, limit) for key, limit in self._limits())
 
@@ -213,6 +254,126 @@ class ProbeDrift(AlertRule):
         parts = [f"{key.split('/')[-1]}={values[key]:.4g} > {limit}"
                  for key, limit in self._limits() if _over(values, key, limit)]
         return " and ".join(parts) + " (the probe tasks' encodings are moving: the TRM sees a shifting input)"
+
+
+class CumulativeDrift(AlertRule):
+    """The probe tasks' encodings moved far from where they were ``drift_window`` probe checks ago, however slowly:
+    the seed's "distribution shift, not collapse", which one-check drift cannot see.
+
+    Args:
+        max_window_drift_cosine: fires above this ``diagnostics/probe_window_drift_cosine``.
+        patience: consecutive probe checks before it fires.
+        action: warn, stop or raise.
+    """
+
+    name = "cumulative_drift"
+    keys = (names.PROBE_WINDOW_DRIFT_COSINE,)
+
+    def __init__(self, max_window_drift_cosine: float = 0.3, patience: int = 1, action: Action = "warn") -> None:
+        super().__init__(patience, action)
+        check_range(f"{type(self).__name__}.max_window_drift_cosine", max_window_drift_cosine, 0.0, 2.0)
+        self.max_window_drift_cosine = max_window_drift_cosine
+
+    def thresholds(self):
+        return {"max_window_drift_cosine": self.max_window_drift_cosine}
+
+    def limits(self):
+        return {self.keys[0]: self.max_window_drift_cosine}
+
+    def condition(self, values) -> bool:
+        return values[self.keys[0]] > self.max_window_drift_cosine
+
+    def describe(self, values) -> str:
+        return (f"probe_window_drift_cosine={values[self.keys[0]]:.4g} > {self.max_window_drift_cosine} (the probe "
+                "tasks' encodings drifted away from where the TRM learned them)")
+
+
+class OutputMeanShift(AlertRule):
+    """The context's values moved off zero as a whole: ``|encoder_output_mean|`` as a fraction of their RMS
+    (``sqrt(mean^2 + std^2)``, so any scale of the context reads the same) above a limit.
+
+    Args:
+        max_mean_fraction: fires above this fraction (0: centred; 1: every value equal and non-zero).
+        patience: consecutive batch-statistics checks before it fires.
+        action: warn, stop or raise.
+    """
+
+    name = "output_mean_shift"
+    keys = (names.ENCODER_OUTPUT_MEAN, names.ENCODER_OUTPUT_STD)
+
+    def __init__(self, max_mean_fraction: float = 0.5, patience: int = 3, action: Action = "warn") -> None:
+        super().__init__(patience, action)
+        check_range(f"{type(self).__name__}.max_mean_fraction", max_mean_fraction, 0.0, 1.0)
+        self.max_mean_fraction = max_mean_fraction
+
+    def thresholds(self):
+        return {"max_mean_fraction": self.max_mean_fraction}
+
+    @staticmethod
+    def fraction(values) -> float | None:
+        mean, std = values.get(names.ENCODER_OUTPUT_MEAN), values.get(names.ENCODER_OUTPUT_STD)
+        if mean is None or std is None:
+            return None
+        rms = math.sqrt(mean * mean + std * std)
+        return abs(mean) / rms if rms > 0 else 0.0
+
+    def condition(self, values) -> bool:
+        fraction = self.fraction(values)
+        return fraction is not None and fraction > self.max_mean_fraction
+
+    def describe(self, values) -> str:
+        return (f"|encoder_output_mean| / RMS = {self.fraction(values):.3f} > {self.max_mean_fraction} (the context "
+                "moved off zero as a whole)")
+
+
+class IgnoredEncoder(AlertRule):
+    """The TRM does not read the encoder: shuffling the contexts across tasks costs (almost) nothing, check after
+    check, while the TRM learns (its training accuracy has reached ``min_train_accuracy``). A TRM that learns
+    without reading its demos memorises the tasks from the query alone (the meta-learning shortcut).
+
+    Args:
+        key: the accuracy drop it reads: ``val/reliance_drop_shuffled_cell`` (ContextReliance, at each validation)
+            or ``train/reliance_drop_shuffled_cell`` (ContextReliance's ``train_every_n_steps`` signal).
+        min_drop: the drop (real minus shuffled-context cell accuracy) below which the encoder counts as ignored.
+        min_train_accuracy: armed once ``train/accuracy``'s running peak reached this (log steps where no row
+            halted, ``train/count`` 0, do not count): a TRM that learns nothing is not memorising.
+        patience: consecutive checks of ``key`` below ``min_drop`` (once armed) before it fires.
+        action: warn, stop or raise.
+    """
+
+    name = "ignored_encoder"
+    state_attributes = ("streak", "peak")
+
+    def __init__(self, key: str = names.VAL_RELIANCE_DROP_SHUFFLED_CELL, min_drop: float = 0.02,
+                 min_train_accuracy: float = 0.2, patience: int = 3, action: Action = "warn") -> None:
+        super().__init__(patience, action)
+        check_range(f"{type(self).__name__}.min_train_accuracy", min_train_accuracy, 0.0, 1.0)
+        self.key, self.min_drop, self.min_train_accuracy = key, min_drop, min_train_accuracy
+        self.keys = (key, names.TRAIN_ACCURACY, names.TRAIN_COUNT)
+        self.peak: float | None = None
+
+    def thresholds(self):
+        return {"min_drop": self.min_drop, "min_train_accuracy": self.min_train_accuracy, "peak": self.peak}
+
+    def limits(self):
+        return {self.key: self.min_drop}
+
+    def update(self, values, step: int = 0):
+        measured = values.get(names.TRAIN_COUNT, 1.0) > 0  # some row halted since the last log
+        accuracy = values.get(names.TRAIN_ACCURACY)
+        if accuracy is not None and measured and math.isfinite(accuracy):
+            self.peak = accuracy if self.peak is None else max(self.peak, float(accuracy))
+        if self.key not in values:  # a check without a new drop neither extends nor breaks the streak
+            return None
+        return super().update({self.key: values[self.key]}, step)
+
+    def condition(self, values) -> bool:
+        armed = self.peak is not None and self.peak >= self.min_train_accuracy
+        return armed and values[self.key] < self.min_drop
+
+    def describe(self, values) -> str:
+        return (f"{self.key}={values[self.key]:.4f} < {self.min_drop} while the train accuracy reached "
+                f"{self.peak:.3f} (the TRM answers without reading its demos)")
 
 
 class AccuracyCollapse(AlertRule):
@@ -244,6 +405,9 @@ class AccuracyCollapse(AlertRule):
     def thresholds(self):
         return {"drop": self.drop, "min_peak": self.min_peak, "peak": self.peak,
                 "floor": (1 - self.drop) * self.peak}
+
+    def limits(self):  # the floor moves with the peak; drawn once the rule is armed
+        return {self.key: (1 - self.drop) * self.peak} if self.peak >= self.min_peak else {}
 
     def condition(self, values) -> bool:
         value = values[self.key]
@@ -328,8 +492,10 @@ class NonFinite(AlertRule):
 
 
 def default_rules() -> list[AlertRule]:
-    """What CollapseAlert checks without a ``rules`` list, in this order: :class:`NonFinite` (stop),
-    :class:`RepresentationCollapse` (normalised variance < 0.01 or cross-task cosine > 0.99, 3 checks),
-    :class:`ProbeDrift` (cosine drift > 0.3, 2 probe checks), :class:`AccuracyCollapse` (half the peak lost once it
-    passed 0.2, 3 checks) and :class:`QHaltRising` (8 rising checks); all but NonFinite only warn."""
-    return [NonFinite(), RepresentationCollapse(), ProbeDrift(), AccuracyCollapse(), QHaltRising()]
+    """What CollapseAlert checks without a ``rules`` list, in this order (thresholds from measured runs,
+    ``docs/diagnostics.md``): :class:`NonFinite` (stop), :class:`RepresentationCollapse`, :class:`ProbeDrift` (a jump),
+    :class:`CumulativeDrift`, :class:`OutputMeanShift`, :class:`AccuracyCollapse`, :class:`QHaltRising` and
+    :class:`IgnoredEncoder` on the validation and on the training-time reliance; all but NonFinite only warn."""
+    return [NonFinite(), RepresentationCollapse(), ProbeDrift(), CumulativeDrift(), OutputMeanShift(),
+            AccuracyCollapse(), QHaltRising(), IgnoredEncoder(),
+            IgnoredEncoder(key=names.TRAIN_RELIANCE_DROP_SHUFFLED_CELL, patience=5)]

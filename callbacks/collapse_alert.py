@@ -26,7 +26,7 @@ from dataclasses import asdict
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from callbacks.alert_rules import (
@@ -39,13 +39,17 @@ from callbacks.alert_rules import (
     NonFinite,
     default_rules,
 )
+from callbacks.dashboard import threshold_tag
 from callbacks.helpers import MetricProducer, due, tensorboard_writers
 from callbacks.last_checkpoint import LastCheckpoint, weights_are_finite
 from trm_lightning.checks import check_at_least
 from trm_lightning.errors import ConfigError, TRMError
-from trm_lightning.metric_names import is_train_metric
+from trm_lightning.metric_names import ACT_METRIC_KEYS, TRAIN, is_train_metric, split_metric
 from trm_lightning.run_files import ALERTS_FILE, alert_checkpoint_name, checkpoint_dir
 from trm_lightning.trainer_state import is_logging_step
+
+
+MODULE_TRAIN_METRICS = frozenset(split_metric(TRAIN, key) for key in ACT_METRIC_KEYS)  # TRMLitModule logs them
 
 
 class CollapseAlertError(TRMError):
@@ -82,6 +86,7 @@ class CollapseAlert(Callback):
     ) -> None:
         check_at_least("CollapseAlert.check_every_n_steps", check_every_n_steps, 1, allow_none=True)
         check_at_least("CollapseAlert.warmup_steps", warmup_steps, 0)
+        self._explicit_rules = rules is not None
         rules = default_rules() if rules is None else list(rules)
         if not rules:
             raise ConfigError("CollapseAlert.rules is empty; remove the callback to turn the alerts off")
@@ -134,12 +139,16 @@ class CollapseAlert(Callback):
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._producers = [cb for cb in trainer.callbacks if isinstance(cb, MetricProducer)]
-        published = {name for p in self._producers for name in p.publishes}
-        for rule in self.rules:
-            fed = isinstance(rule, NonFinite) or any(k in published or is_train_metric(k) for k in rule.keys)
-            if not fed:
+        # what this run produces: the producers' names and the ACT metrics the module logs as train/<key>
+        fed = {name for p in self._producers for name in p.publishes} | MODULE_TRAIN_METRICS
+        unfed = [rule for rule in self.rules if not isinstance(rule, NonFinite) and rule.keys[0] not in fed]
+        if self._explicit_rules:  # rules the user listed: say each one that will never fire
+            for rule in unfed:
                 rank_zero_warn(f"CollapseAlert: no callback in trainer.callbacks publishes {', '.join(rule.keys)}; "
                                f"the {rule.name} rule reads them only if something else logs them")
+        elif unfed:
+            rank_zero_info("CollapseAlert: default rules without a callback that feeds them (they stay silent): "
+                           + ", ".join(dict.fromkeys(rule.name for rule in unfed)))
         self._seen = {}
         self._train_fresh = False
         self._bad_loss = self._bad_grad = self._first_bad = None
@@ -226,6 +235,7 @@ class CollapseAlert(Callback):
 
         for alert in fired:
             self._report(trainer, alert)
+        self._draw_thresholds(trainer, step)
         # the values are global, but agree anyway (float differences, one rank's flags): all ranks, same steps
         stop = trainer.strategy.reduce_boolean_decision(any(a.action in STOPPING_ACTIONS for a in fired), all=False)
         if not stop:
@@ -245,6 +255,16 @@ class CollapseAlert(Callback):
             reasons = "; ".join(a.message for a in fired if a.action == "raise")
             raise CollapseAlertError(reasons or f"CollapseAlert: another rank raised at step {step}")
         trainer.should_stop = True
+
+    def _draw_thresholds(self, trainer: Trainer, step: int) -> None:
+        """Each rule's fixed lines as ``thresholds/<metric>`` scalars (rank 0), beside the metric on the dashboard."""
+        if not trainer.is_global_zero:
+            return
+        writers = tensorboard_writers(trainer)
+        for rule in self.rules:
+            for metric, limit in rule.limits().items():
+                for writer in writers:
+                    writer.add_scalar(threshold_tag(metric), limit, global_step=step)
 
     def _report(self, trainer: Trainer, alert: Alert) -> None:
         self.alerts.append(alert)

@@ -19,13 +19,22 @@ and all-reduced at the epoch end. Logged at the validation epoch end:
 
 A TRM that ignores its context shows drops of exactly zero. A batch of one row cannot be shuffled: its row is
 left out of the shuffled numbers (and of the real numbers they are compared with).
+
+With ``train_every_n_steps`` it also measures, during training and without a validation pass, the same drop on
+the first ``train_rows`` rows in training (an evaluation rollout of each with its own context and with a shuffled
+one), every that many optimizer steps, averaged over ranks: ``train/reliance_drop_shuffled`` and
+``train/reliance_drop_shuffled_cell``. A long run sees early whether the TRM answers without reading its demos.
+Both the validation and the training values are published for :class:`~callbacks.IgnoredEncoder`.
 """
 
 from __future__ import annotations
 
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor
+
+from callbacks.helpers import MetricProducer, due
+from trm_lightning import metric_names as names
 
 from trm_lightning.checks import check_at_least
 from trm_lightning.losses import row_accuracy
@@ -68,19 +77,30 @@ def ablation_metrics(sums: Tensor) -> dict[str, Tensor]:
     return {split_metric(VAL, k): v for k, v in values.items()}
 
 
-class ContextReliance(Callback):
+class ContextReliance(MetricProducer):
     """Re-runs the held-out validation batches with shuffled and zeroed contexts and logs the accuracy drop.
 
     Args:
         every_n_validations: run at every this-many-th validation (sanity checks do not count).
         dataloader_idx: the validation dataloader to ablate (0 = ``val``, the held-out tasks).
+        train_every_n_steps: every this many optimizer steps, also measure the shuffled-context drop on rows in
+            training (0: off).
+        train_rows: rows per rank for that measurement (the first of the ACT carry; at least 2).
     """
 
-    def __init__(self, every_n_validations: int = 1, dataloader_idx: int = 0) -> None:
+    publishes = names.RELIANCE_DIAGNOSTICS
+
+    def __init__(self, every_n_validations: int = 1, dataloader_idx: int = 0, train_every_n_steps: int = 0,
+                 train_rows: int = 16) -> None:
+        super().__init__()
         check_at_least("ContextReliance.every_n_validations", every_n_validations, 1)
         check_at_least("ContextReliance.dataloader_idx", dataloader_idx, 0)
+        check_at_least("ContextReliance.train_every_n_steps", train_every_n_steps, 0)
+        check_at_least("ContextReliance.train_rows", train_rows, 2)
         self.every_n_validations = every_n_validations
         self.dataloader_idx = dataloader_idx
+        self.train_every_n_steps = train_every_n_steps
+        self.train_rows = train_rows
         self._validations = 0
         self._sums: Tensor | None = None
 
@@ -130,5 +150,40 @@ class ContextReliance(Callback):
         sums, self._sums = self._sums, None
         if trainer.world_size > 1:  # every rank reaches here with its sums
             sums = trainer.strategy.reduce(sums, reduce_op="sum")
-        for name, value in ablation_metrics(sums).items():
+        values = ablation_metrics(sums)
+        for name, value in values.items():
             pl_module.log(name, value.float(), on_step=False, on_epoch=True, batch_size=1)
+        self.remember(trainer.global_step, {k: v for k, v in values.items() if k in self.publishes})
+
+    # ------------------------------------------------------------------------------ the training-time signal
+    def _produce(self, trainer: Trainer, pl_module: LightningModule, outputs) -> bool:
+        if not self.train_every_n_steps or not due(trainer, self.train_every_n_steps):
+            return False
+        rows = pl_module.training_rows() if hasattr(pl_module, "training_rows") else None
+        if rows is None:
+            return False
+        batch = {k: v[: self.train_rows] for k, v in rows.items()}
+        perm = derangement(batch["task_index"])
+        if perm is None:
+            return False
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            with torch.no_grad(), trainer.precision_plugin.forward_context():
+                model = pl_module.model
+                context = model.encode(batch)
+                real = model.rollout(batch, context=context).logits.argmax(-1)
+                shuffled = model.rollout(batch, context=context[perm]).logits.argmax(-1)
+        finally:
+            pl_module.train(was_training)
+        has, exact, cell = row_accuracy(real, batch["labels"])
+        _, shuf_exact, shuf_cell = row_accuracy(shuffled, batch["labels"])
+        counted = has.double()
+        drops = torch.stack([((exact.double() - shuf_exact.double()) * counted).sum(),
+                             ((cell - shuf_cell) * counted).sum(), counted.sum()])
+        if trainer.world_size > 1:  # every rank, at the same steps
+            drops = trainer.strategy.reduce(drops, reduce_op="sum")
+        n = drops[2].clamp_min(1)
+        self.publish(pl_module, trainer.global_step, {names.TRAIN_RELIANCE_DROP_SHUFFLED: drops[0] / n,
+                                                      names.TRAIN_RELIANCE_DROP_SHUFFLED_CELL: drops[1] / n})
+        return True

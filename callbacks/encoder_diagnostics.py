@@ -37,7 +37,15 @@ flattened to ``P*D`` values, what the TRM reads; ``a_i``/``b_i`` are task i in v
   with another task counts as a miss, so a collapsed encoder scores 0, chance is 1/n);
 - ``probe_drift_cosine``: mean over rows of 1 - cos(current, previous check), over both views;
 - ``probe_drift_rel_l2 = ||current - previous||_F / ||previous||_F``. Both drift values start at the
-  second probe check.
+  second probe check. A jump shows here, for one check;
+- ``probe_window_drift_cosine``: mean over rows of 1 - cos(current, the encoding ``drift_window`` checks ago, or
+  the first one until there are that many): cumulative drift, which a slow rotation builds up while each check's
+  own drift stays tiny;
+- ``probe_context_loss`` / ``probe_stale_context_loss``: the TRM's mean token loss (a full evaluation rollout) on
+  the probe queries with today's context and with the context of ``stale_lag`` checks ago, and
+  ``probe_stale_context_gap`` = stale - today. Is the TRM keeping up with the encoder? Healthy training makes the
+  gap positive (today's context serves today's TRM better); a gap that falls below 0 says the TRM still reads the
+  old encodings better than the current ones: the encoder moved away from what the TRM learned.
 
 Also a histogram ``diagnostics/encoder_context`` of the context values (rank 0's rows only) to TensorBoard.
 """
@@ -45,6 +53,7 @@ Also a histogram ``diagnostics/encoder_context`` of the context values (rank 0's
 from __future__ import annotations
 
 import math
+from collections import deque
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
@@ -54,6 +63,7 @@ from torch import Tensor
 from callbacks.helpers import MetricProducer, due, tensorboard_writers
 from trm_lightning import metric_names as names
 from trm_lightning.checks import check_at_least
+from trm_lightning.losses import act_loss
 
 RANK_RTOL = 1e-6  # singular values below this x the largest row norm are float32 noise
 
@@ -148,6 +158,42 @@ def drift_statistics(current: Tensor, previous: Tensor) -> dict[str, Tensor]:
     }
 
 
+def window_drift(current: Tensor, reference: Tensor) -> Tensor:
+    """Mean over rows of 1 - cos(current, reference): how far the probe encodings are from where they were
+    ``drift_window`` checks ago, however slowly they got there."""
+    cur, ref = current.double().flatten(1), reference.double().flatten(1)
+    return (1 - (_unit_rows(cur) * _unit_rows(ref)).sum(dim=-1)).mean()
+
+
+class ProbeTracker:
+    """The probe statistics of successive probe checks: task specificity now, drift since the previous check and
+    since ``drift_window`` checks ago (the encodings of the last ``drift_window`` checks are kept, on the CPU).
+
+    :meth:`update` takes a probe check's context (2n, P, D), rows ``i`` and ``n + i`` being task ``i`` in its two
+    views, and returns the statistics; :attr:`reference` is the context the window drift compared with (``drift_window``
+    checks ago, or the oldest kept) and :attr:`stale` the one ``stale_lag`` checks ago (for the keeping-up loss)."""
+
+    def __init__(self, drift_window: int = 50, history: list[Tensor] | None = None, stale_lag: int = 5) -> None:
+        self.history: deque[Tensor] = deque(history or [], maxlen=max(drift_window, stale_lag))
+        self.drift_window, self.stale_lag = drift_window, stale_lag
+        self.reference: Tensor | None = None
+        self.stale: Tensor | None = None
+
+    def update(self, context: Tensor) -> dict[str, Tensor]:
+        rows = context.detach().double().flatten(1)  # (2n, P*D)
+        n = rows.shape[0] // 2
+        stats = probe_statistics(rows[:n], rows[n:])
+        self.reference = self.stale = None
+        if self.history:
+            previous = self.history[-1].to(rows.device)
+            self.reference = self.history[-min(self.drift_window, len(self.history))].to(context.device)
+            self.stale = self.history[-min(self.stale_lag, len(self.history))].to(context.device)
+            stats.update(drift_statistics(rows, previous))
+            stats[names.PROBE_WINDOW_DRIFT_COSINE] = window_drift(rows, self.reference)
+        self.history.append(context.detach().float().cpu())
+        return stats
+
+
 def encoder_statistics(context: Tensor, task_index: Tensor) -> dict[str, Tensor]:
     """:func:`batch_statistics` of one (B, P, D) context on one process (tests, notebooks)."""
     return batch_statistics(pool_context(context), task_index, value_moments(context))
@@ -171,6 +217,13 @@ class EncoderDiagnostics(MetricProducer):
         probe_tasks: training tasks in the probe set (each in two augmentations never used in training).
         histogram_every_n_steps: steps between histograms of the context values; None uses the probe
             interval (or ``every_n_steps`` when the probe is off); 0 turns them off.
+        drift_window: probe checks back for the reference of ``probe_window_drift_cosine`` (the probe encodings of
+            the last this many checks are kept, on the CPU: 50 x probe rows x P x D floats, 2 MB per check at the
+            ARC config with 32 probe tasks). 50 makes a rotation of 1 degree per check fire CumulativeDrift's
+            default within 46 checks (docs/diagnostics.md).
+        stale_lag: probe checks back for the stale context of the keeping-up loss.
+        keeping_up: also compute the TRM's probe loss with today's and the stale context at each probe check (two
+            evaluation rollouts of the probe rows).
     """
 
     publishes = names.SCALAR_DIAGNOSTICS
@@ -181,8 +234,13 @@ class EncoderDiagnostics(MetricProducer):
         probe_every_n_steps: int | None = None,
         probe_tasks: int = 16,
         histogram_every_n_steps: int | None = None,
+        drift_window: int = 50,
+        stale_lag: int = 5,
+        keeping_up: bool = True,
     ) -> None:
         super().__init__()
+        check_at_least("EncoderDiagnostics.drift_window", drift_window, 1)
+        check_at_least("EncoderDiagnostics.stale_lag", stale_lag, 1)
         for name, value in [("every_n_steps", every_n_steps), ("probe_every_n_steps", probe_every_n_steps),
                             ("histogram_every_n_steps", histogram_every_n_steps)]:
             check_at_least(f"EncoderDiagnostics.{name}", value, 0, allow_none=True)
@@ -191,8 +249,11 @@ class EncoderDiagnostics(MetricProducer):
         self.probe_every_n_steps = probe_every_n_steps
         self.probe_tasks = probe_tasks
         self.histogram_every_n_steps = histogram_every_n_steps
+        self.drift_window = drift_window
+        self.stale_lag = stale_lag
+        self.keeping_up = keeping_up
         self._probe_batch: dict[str, Tensor] | None = None
-        self._previous_probe: Tensor | None = None
+        self._tracker = ProbeTracker(drift_window, stale_lag=stale_lag)
 
     # ---------------------------------------------------------------------------------- intervals
     def _intervals(self, trainer: Trainer) -> tuple[int, int, int]:
@@ -206,21 +267,22 @@ class EncoderDiagnostics(MetricProducer):
     @property
     def state_key(self) -> str:
         """Unique per configuration, so two of these callbacks in one run each keep their own checkpointed state."""
-        return self._generate_state_key(every_n_steps=self.every_n_steps, probe_every_n_steps=self.probe_every_n_steps, probe_tasks=self.probe_tasks)
+        return self._generate_state_key(every_n_steps=self.every_n_steps, probe_every_n_steps=self.probe_every_n_steps,
+                                        probe_tasks=self.probe_tasks)
 
     def state_dict(self) -> dict:
-        """The previous probe encoding, so the first drift after a resume compares with the same check as the
-        uninterrupted run's."""
-        previous = self._previous_probe
-        return {"previous_probe": None if previous is None else previous.detach().cpu()}
+        """The past probe encodings, so the drifts after a resume compare with the same checks as the uninterrupted
+        run's."""
+        return {"probe_history": [h.clone() for h in self._tracker.history]}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self._restored_probe = state_dict.get("previous_probe")
+        self._restored_history = list(state_dict.get("probe_history", []))
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
         self._probe_batch = None
-        self._previous_probe, self._restored_probe = getattr(self, "_restored_probe", None), None
+        self._tracker = ProbeTracker(self.drift_window, getattr(self, "_restored_history", []), self.stale_lag)
+        self._restored_history = []
         _, probe, _ = self._intervals(trainer)
         datamodule = getattr(trainer, "datamodule", None)
         if probe > 0:
@@ -274,10 +336,23 @@ class EncoderDiagnostics(MetricProducer):
                 context = pl_module.model.encode(batch)
         finally:
             pl_module.train(was_training)
-        rows = context.detach().double().flatten(1)  # (2n, P*D)
-        n = rows.shape[0] // 2
-        stats = probe_statistics(rows[:n], rows[n:])
-        if self._previous_probe is not None:
-            stats.update(drift_statistics(rows, self._previous_probe.to(rows.device)))
-        self._previous_probe = rows
+        stats = self._tracker.update(context)
+        if self.keeping_up and self._tracker.stale is not None:
+            stats.update(self._keeping_up(trainer, pl_module, batch, context, self._tracker.stale))
         return stats
+
+    @staticmethod
+    def _keeping_up(trainer: Trainer, pl_module: LightningModule, batch, today: Tensor, stale: Tensor):
+        """The TRM's probe loss with today's context and with the stale one (evaluation rollouts, eval mode)."""
+        losses = []
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            with torch.no_grad(), trainer.precision_plugin.forward_context():
+                for context in (today, stale.to(today.dtype)):
+                    logits, q_halt, _ = pl_module.model.rollout(batch, context=context)
+                    losses.append(act_loss(logits, batch["labels"], q_halt).lm_loss.double().mean())
+        finally:
+            pl_module.train(was_training)
+        return {names.PROBE_CONTEXT_LOSS: losses[0], names.PROBE_STALE_CONTEXT_LOSS: losses[1],
+                names.PROBE_STALE_CONTEXT_GAP: losses[1] - losses[0]}

@@ -10,6 +10,8 @@ An image is one strip (see :func:`render_episode`)::
 
     demo 1 in | demo 1 out || demo 2 in | demo 2 out || ... || query in | target | prediction
 
+with those captions written in a band above the panels.
+
 Each grid is cropped from its canvas (:func:`~trm_lightning.data.tokenize.crop_canvas`) and drawn at its own
 size, top-left aligned, on a white panel of the canvas's size, so a prediction of the wrong size shows as a
 block of another size and a task's image keeps its size from one validation to the next. The prediction's
@@ -98,6 +100,7 @@ def render_episode(
     prediction: np.ndarray,
     cell_pixels: int = 8,
     panel_cells: int = 0,
+    captions: bool = False,
 ) -> np.ndarray:
     """One episode as an RGB image ``(H, W, 3)`` uint8: demos, query, target and prediction side by side.
 
@@ -121,6 +124,8 @@ def render_episode(
         cell_pixels: side of one cell in pixels.
         panel_cells: the least panel side in cells; the canvas side keeps the image's size the same whatever
             the prediction's size (the callback passes it, so TensorBoard's step slider does not jump).
+        captions: add a band of :data:`CAPTION_HEIGHT` px above the strip naming each panel (``demo 1 in``,
+            ``demo 1 out``, ..., ``query``, ``target``, ``prediction``; shorter forms where a panel is narrow).
     """
     if cell_pixels < 1:
         raise ValueError(f"cell_pixels must be >= 1, got {cell_pixels}")
@@ -155,11 +160,40 @@ def render_episode(
         right = prediction.shape == target.shape and bool(np.array_equal(prediction, target))
         frame = RIGHT_FRAME if right else WRONG_FRAME
     strip: list[np.ndarray] = []
-    for inp, out in demos:
-        strip += [panel(inp), separator(thin, THIN_SEPARATOR), panel(out), separator(4 * thin, GROUP_SEPARATOR)]
-    strip += [panel(query), separator(thin, THIN_SEPARATOR), panel(target), separator(thin, THIN_SEPARATOR)]
-    strip.append(panel(prediction, frame))
-    return np.concatenate(strip, axis=1)
+    labels: list[tuple[int, tuple[str, ...]]] = []  # (x of a panel, its caption from longest to shortest)
+
+    def add(piece: np.ndarray, caption: tuple[str, ...] | None = None) -> None:
+        if caption is not None:
+            labels.append((sum(p.shape[1] for p in strip), caption))
+        strip.append(piece)
+
+    for k, (inp, out) in enumerate(demos, start=1):
+        add(panel(inp), (f"demo {k} in", f"in {k}", f"{k}"))
+        add(separator(thin, THIN_SEPARATOR))
+        add(panel(out), (f"demo {k} out", f"out {k}", f"{k}'"))
+        add(separator(4 * thin, GROUP_SEPARATOR))
+    add(panel(query), ("query", "q"))
+    add(separator(thin, THIN_SEPARATOR))
+    add(panel(target), ("target", "t"))
+    add(separator(thin, THIN_SEPARATOR))
+    add(panel(prediction, frame), ("prediction", "pred", "p"))
+    image = np.concatenate(strip, axis=1)
+    return _with_captions(image, labels, panel_w) if captions else image
+
+
+CAPTION_HEIGHT = 12  # px of the caption band
+
+
+def _with_captions(image: np.ndarray, labels: list[tuple[int, tuple[str, ...]]], panel_width: int) -> np.ndarray:
+    """``image`` under a white band in which each panel's caption (the longest form that fits) is written."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    band = Image.new("RGB", (image.shape[1], CAPTION_HEIGHT), (255, 255, 255))
+    draw, font = ImageDraw.Draw(band), ImageFont.load_default()
+    for x, forms in labels:
+        text = next((f for f in forms if draw.textlength(f, font=font) <= panel_width), forms[-1])
+        draw.text((x + 1, 0), text, fill=(0, 0, 0), font=font)
+    return np.concatenate([np.asarray(band, dtype=np.uint8), image], axis=0)
 
 
 def _target_grid(labels: Tensor) -> np.ndarray | None:
@@ -170,7 +204,8 @@ def _target_grid(labels: Tensor) -> np.ndarray | None:
     return crop_canvas(torch.where(supervised, labels, torch.full_like(labels, PAD)))
 
 
-def render_rows(rows: dict[str, Tensor], predictions: Tensor, cell_pixels: int = 8) -> list[np.ndarray]:
+def render_rows(rows: dict[str, Tensor], predictions: Tensor, cell_pixels: int = 8,
+                captions: bool = False) -> list[np.ndarray]:
     """:func:`render_episode` for each row of a collated episode batch, ``predictions`` (B, S*S) canvas tokens.
 
     Panels are ``S`` cells a side (the canvas), so a row's image has the same size at every validation.
@@ -183,7 +218,7 @@ def render_rows(rows: dict[str, Tensor], predictions: Tensor, cell_pixels: int =
         images.append(
             render_episode(
                 demos, crop_canvas(rows["inputs"][i]), _target_grid(rows["labels"][i]),
-                crop_canvas(predictions[i]), cell_pixels, panel_cells=side,
+                crop_canvas(predictions[i]), cell_pixels, panel_cells=side, captions=captions,
             )
         )
     return images
@@ -294,7 +329,7 @@ class GridImages(Callback):
                 rank_zero_warn("GridImages: no logger can take images (use a TensorBoardLogger); nothing is drawn")
                 self._warned = True
             return
-        for task_id, image in zip(self._task_ids, render_rows(self._rows, predictions, self.cell_pixels)):
+        for task_id, image in zip(self._task_ids, render_rows(self._rows, predictions, self.cell_pixels, captions=True)):
             chw = np.ascontiguousarray(image.transpose(2, 0, 1))
             for writer in writers:
                 writer.add_image(f"grids/{task_id}", chw, trainer.global_step)

@@ -73,6 +73,11 @@ class MetricProducer(Callback):
     def publish(self, pl_module: LightningModule, step: int, values: Mapping[str, Tensor]) -> None:
         """Log ``values`` (step-level scalars) and remember them as this step's."""
         for name, value in values.items():
-            value = value.float()
-            pl_module.log(name, value, on_step=True, on_epoch=False, batch_size=1)
-            self.published[name] = (step, value)
+            pl_module.log(name, value.float(), on_step=True, on_epoch=False, batch_size=1)
+        self.remember(step, values)
+
+    def remember(self, step: int, values: Mapping[str, Tensor]) -> None:
+        """Remember ``values`` as step ``step``'s without logging them (values the producer logs itself, e.g. at a
+        validation's end)."""
+        for name, value in values.items():
+            self.published[name] = (step, value.float())

@@ -85,11 +85,30 @@ PROBE_DIFF_TASK_COSINE = DIAGNOSTICS_PREFIX + "probe_diff_task_cosine"
 PROBE_RETRIEVAL_ACC = DIAGNOSTICS_PREFIX + "probe_retrieval_acc"
 PROBE_DRIFT_COSINE = DIAGNOSTICS_PREFIX + "probe_drift_cosine"
 PROBE_DRIFT_REL_L2 = DIAGNOSTICS_PREFIX + "probe_drift_rel_l2"
+# drift against the probe encoding `drift_window` checks ago (cumulative drift, which one-check drift misses)
+PROBE_WINDOW_DRIFT_COSINE = DIAGNOSTICS_PREFIX + "probe_window_drift_cosine"
+# is the TRM keeping up with the encoder? its loss on the probe queries with today's context, with the context of
+# `drift_window` checks ago, and their difference (stale - today; below 0: the TRM still reads the old encodings better)
+PROBE_CONTEXT_LOSS = DIAGNOSTICS_PREFIX + "probe_context_loss"
+PROBE_STALE_CONTEXT_LOSS = DIAGNOSTICS_PREFIX + "probe_stale_context_loss"
+PROBE_STALE_CONTEXT_GAP = DIAGNOSTICS_PREFIX + "probe_stale_context_gap"
 # a TensorBoard histogram, not a scalar
 ENCODER_CONTEXT_HISTOGRAM = DIAGNOSTICS_PREFIX + "encoder_context"
 
 BATCH_DIAGNOSTICS = (ENCODER_CROSS_SAMPLE_VAR, ENCODER_OUTPUT_MEAN, ENCODER_OUTPUT_STD, ENCODER_NORMALIZED_VAR,
                      ENCODER_L2N_STD, ENCODER_CROSS_TASK_COSINE, ENCODER_EFFECTIVE_RANK)
 PROBE_DIAGNOSTICS = (PROBE_SAME_TASK_COSINE, PROBE_DIFF_TASK_COSINE, PROBE_RETRIEVAL_ACC)
-DRIFT_DIAGNOSTICS = (PROBE_DRIFT_COSINE, PROBE_DRIFT_REL_L2)
-SCALAR_DIAGNOSTICS = BATCH_DIAGNOSTICS + PROBE_DIAGNOSTICS + DRIFT_DIAGNOSTICS
+DRIFT_DIAGNOSTICS = (PROBE_DRIFT_COSINE, PROBE_DRIFT_REL_L2, PROBE_WINDOW_DRIFT_COSINE)
+KEEPING_UP_DIAGNOSTICS = (PROBE_CONTEXT_LOSS, PROBE_STALE_CONTEXT_LOSS, PROBE_STALE_CONTEXT_GAP)
+SCALAR_DIAGNOSTICS = BATCH_DIAGNOSTICS + PROBE_DIAGNOSTICS + DRIFT_DIAGNOSTICS + KEEPING_UP_DIAGNOSTICS
+
+
+# ------------------------------------------------------------------ context reliance (ContextReliance)
+# held-out validation re-run with the contexts shuffled across tasks / zeroed: real minus ablated accuracy
+VAL_RELIANCE_DROP_SHUFFLED = split_metric(VAL, "reliance_drop_shuffled")
+VAL_RELIANCE_DROP_SHUFFLED_CELL = split_metric(VAL, "reliance_drop_shuffled_cell")
+# the cheap training-time version: a few of the rows in training, every `train_every_n_steps` steps
+TRAIN_RELIANCE_DROP_SHUFFLED = split_metric(TRAIN, "reliance_drop_shuffled")
+TRAIN_RELIANCE_DROP_SHUFFLED_CELL = split_metric(TRAIN, "reliance_drop_shuffled_cell")
+RELIANCE_DIAGNOSTICS = (VAL_RELIANCE_DROP_SHUFFLED, VAL_RELIANCE_DROP_SHUFFLED_CELL, TRAIN_RELIANCE_DROP_SHUFFLED,
+                        TRAIN_RELIANCE_DROP_SHUFFLED_CELL)

@@ -282,6 +282,11 @@ class TRMLitModule(LightningModule):
             "halted": halted,
         }
 
+    def training_rows(self) -> dict[str, Tensor] | None:
+        """The samples the rows of the ACT carry are working on (None before the first training step): what a
+        callback can re-run to measure something about the rows in training (ContextReliance's training signal)."""
+        return None if self._carry is None else self._carry.data
+
     # --------------------------------------------------------------------------------------- evaluation
     def _eval_step(self, batch: dict[str, Tensor], metrics: ACTMetrics) -> dict[str, Tensor]:
         logits, q_halt, context = self.model.rollout(batch)

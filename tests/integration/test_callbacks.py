@@ -166,7 +166,7 @@ def test_constant_encoder_fires_representation_collapse(dirs, tmp_path, action):
     assert record["step"] == 2 and record["action"] == action and record["patience"] == 2
     assert record["values"]["diagnostics/encoder_normalized_var"] == pytest.approx(0.0, abs=1e-6)
     assert record["values"]["diagnostics/encoder_cross_task_cosine"] == pytest.approx(1.0, abs=1e-6)
-    assert record["thresholds"] == {"min_normalized_var": 0.01, "max_cross_task_cosine": 0.99}
+    assert record["thresholds"] == {"min_normalized_var": 0.01, "max_cross_task_cosine": 0.99, "max_probe_retrieval": 0.5}
     ckpt = os.path.join(log_dir, "checkpoints", "alert-step2.ckpt")
     if action == "warn":
         assert not os.path.exists(ckpt)
@@ -227,9 +227,8 @@ def test_nan_loss_fires_nonfinite_and_stops(dirs, tmp_path):
     assert all(torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point())
     messages = [str(w.message) for w in warned]
     assert any("last.ckpt (step 2) is the last finite state" in m for m in messages), messages
-    # no EncoderDiagnostics in this fit: the rules that read diagnostics/* say so once, at the start
-    unfed = [m for m in messages if "no callback in trainer.callbacks publishes" in m]
-    assert [m.split("; the ")[1].split()[0] for m in unfed] == ["representation_collapse", "drift"], unfed
+    # no EncoderDiagnostics in this fit: default rules that read diagnostics/* stay silent without warning
+    assert not [m for m in messages if "no callback in trainer.callbacks publishes" in m]
 
 
 def _growing_constant(context, trainer):
@@ -288,8 +287,9 @@ def test_rules_are_chosen_in_yaml_by_short_or_full_class_path(dirs, tmp_path, ca
     assert configured.check_every_n_steps == 5
     collapse, drift, nonfinite = configured.rules
     assert type(collapse) is RepresentationCollapse and (collapse.patience, collapse.action) == (4, "stop")
-    assert collapse.thresholds() == {"min_normalized_var": 0.02, "max_cross_task_cosine": 0.99}
-    assert type(drift) is ProbeDrift and drift.thresholds() == {"max_probe_drift_cosine": 0.3,
+    assert collapse.thresholds() == {"min_normalized_var": 0.02, "max_cross_task_cosine": 0.99,
+                                     "max_probe_retrieval": 0.5}
+    assert type(drift) is ProbeDrift and drift.thresholds() == {"max_probe_drift_cosine": 0.2,
                                                                 "max_probe_drift_rel_l2": 0.1}
     assert type(nonfinite) is NonFinite and nonfinite.action == "stop"
     assert [type(r) for r in default.rules] == [type(r) for r in default_rules()]
@@ -339,3 +339,40 @@ def test_context_reliance(dirs, tmp_path):
         m["val/exact_accuracy"].item(), abs=1e-6)
     # this TRM does read its context: the ablations change some cells
     assert m["val/reliance_drop_zero_cell"].item() != 0.0 or m["val/reliance_drop_shuffled_cell"].item() != 0.0
+
+
+def test_dashboard_layout_and_threshold_lines(dirs, tmp_path):
+    from callbacks import Dashboard
+    from callbacks.dashboard import layout
+
+    alert = CollapseAlert(check_every_n_steps=1)
+    cli = _fit(dirs, tmp_path, [Dashboard(), EncoderDiagnostics(every_n_steps=1, probe_tasks=6), alert], *NO_VAL)
+    tb = _scalars(cli.trainer.log_dir)
+    assert "custom_scalars__config__" in tb["_text"]  # the layout is in the event file
+    for metric in ("diagnostics/encoder_normalized_var", "diagnostics/encoder_cross_task_cosine",
+                   "diagnostics/probe_drift_cosine", "diagnostics/probe_window_drift_cosine"):
+        lines = tb[f"thresholds/{metric}"]
+        assert len(lines) == 4 and len({v for _, v in lines}) == 1  # one value per check, a flat line
+    assert dict(tb["thresholds/diagnostics/encoder_normalized_var"])[1] == pytest.approx(0.01)
+    charts = {c for category in layout().values() for c in category}
+    assert {"normalised variance", "since drift_window checks ago (a slow drift)", "per parameter group"} <= charts
+
+
+def test_training_reliance_signal_and_an_ignored_encoder(dirs, tmp_path):
+    """ContextReliance's training-time drop: exactly 0 when the TRM gets the same context for every row (it cannot
+    read the demos), so IgnoredEncoder fires once the training accuracy rose; the real encoder's drop is published
+    every step."""
+    from callbacks import IgnoredEncoder
+    from trm_lightning import metric_names as names
+
+    def run(name, encode, max_steps):
+        rule = IgnoredEncoder(key=names.TRAIN_RELIANCE_DROP_SHUFFLED_CELL, min_drop=1e-9, patience=3)
+        reliance = ContextReliance(train_every_n_steps=1, train_rows=4)
+        cli = _fit(dirs, tmp_path / name, [reliance, CollapseAlert([rule], check_every_n_steps=1)], *NO_VAL,
+                   "--model.lr=3e-3", encode=encode, max_steps=max_steps)
+        return _alerts(cli.trainer.log_dir), _scalars(cli.trainer.log_dir)
+
+    records, tb = run("ignored", _constant, 8)
+    drops = [v for _, v in tb["train/reliance_drop_shuffled_cell"]]
+    assert len(drops) == 8 and all(v == 0.0 for v in drops)
+    assert [r["rule"] for r in records][:1] == ["ignored_encoder"]

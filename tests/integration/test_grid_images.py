@@ -12,7 +12,9 @@ import torch
 from torch.utils.data import default_collate
 
 from callbacks import GridImages
-from callbacks.grid_images import PALETTE, RIGHT_FRAME, WRONG_FRAME, panel_margin, render_episode, render_rows
+from callbacks.grid_images import (
+    CAPTION_HEIGHT, PALETTE, RIGHT_FRAME, WRONG_FRAME, panel_margin, render_episode, render_rows,
+)
 from trm_lightning.data.episodes import EpisodeDataset, EpisodeKey
 from trm_lightning.data.tokenize import grid_to_canvas
 from trm_lightning.vocab import IGNORE_LABEL
@@ -147,10 +149,12 @@ def test_rows_come_from_the_first_batch_when_the_dataset_lists_no_keys():
     assert tags == [("grids/task3", 7), ("grids/task1", 7), ("grids/task3", 11), ("grids/task1", 11)]  # rows fixed
     for (_, image, _), row in zip(writer.images, [0, 2]):
         assert image.dtype == np.uint8 and image.shape[0] == 3  # CHW
-        hwc = image.transpose(1, 2, 0)
+        hwc = image.transpose(1, 2, 0)[CAPTION_HEIGHT:]  # the panels, under the caption band
         m = panel_margin(2)
         assert tuple(hwc[m, m]) == tuple(PALETTE[tasks[row]])
         assert tuple(hwc[0, -1]) == tuple(RIGHT_FRAME)
+        band = image.transpose(1, 2, 0)[:CAPTION_HEIGHT]
+        assert (band == 255).all(axis=-1).mean() > 0.5 and (band < 128).all(axis=-1).any()  # white, with text
 
 
 def test_constructor_rejects_bad_arguments():
@@ -181,7 +185,7 @@ def test_tiny_fit_logs_one_image_per_task_per_validation(synthetic_task_dir, syn
     rows = default_collate([dataset[EpisodeKey(t, dm.eval_tasks[t].labelled_test_indices[0], 0)] for t in range(2)])
     with torch.no_grad():
         predictions = cli.model.model.rollout(rows).logits.argmax(-1)
-    expected = render_rows(rows, predictions, cell_pixels=8)
+    expected = render_rows(rows, predictions, cell_pixels=8, captions=True)
     for task_id, image in zip(task_ids, expected):
         events = ea.Images(f"grids/{task_id}")
         assert [e.step for e in events] == [2, 4]
@@ -189,3 +193,15 @@ def test_tiny_fit_logs_one_image_per_task_per_validation(synthetic_task_dir, syn
         # the last image was drawn with the final weights: it is exactly the independent rendering
         logged = np.asarray(Image.open(io.BytesIO(events[-1].encoded_image_string)).convert("RGB"))
         np.testing.assert_array_equal(logged, image)
+
+
+def test_captions_name_each_panel_where_it_starts():
+    grid = np.ones((3, 3), dtype=np.uint8)
+    plain = render_episode([(grid, grid)], grid, grid, grid, cell_pixels=8, panel_cells=5)
+    captioned = render_episode([(grid, grid)], grid, grid, grid, cell_pixels=8, panel_cells=5, captions=True)
+    assert captioned.shape == (plain.shape[0] + CAPTION_HEIGHT, plain.shape[1], 3)
+    np.testing.assert_array_equal(captioned[CAPTION_HEIGHT:], plain)  # the panels themselves do not move
+    ink = (captioned[:CAPTION_HEIGHT] < 128).all(axis=-1).any(axis=0)  # columns with text
+    panel = plain.shape[1] // 5  # five panels (demo in, demo out, query, target, prediction) and separators
+    starts = [x for x in range(1, plain.shape[1]) if ink[x] and not ink[x - 1]]
+    assert len(starts) >= 5 and starts[0] < panel

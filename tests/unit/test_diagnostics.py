@@ -245,24 +245,34 @@ def test_rule_arguments_are_checked():
 
 
 def test_default_rules_keep_the_documented_thresholds():
-    """CollapseAlert() without rules checks these, as it did when the thresholds were its own arguments."""
+    """CollapseAlert() without rules checks these (docs/diagnostics.md gives the measurements behind them)."""
     rules = default_rules()
-    assert [(type(r), r.name, r.patience, r.action) for r in rules] == [
-        (NonFinite, "nonfinite", 1, "stop"),
-        (RepresentationCollapse, "representation_collapse", 3, "warn"),
-        (ProbeDrift, "drift", 2, "warn"),
-        (AccuracyCollapse, "accuracy_collapse", 3, "warn"),
-        (QHaltRising, "q_halt_rising", 8, "warn"),
+    assert [(type(r).__name__, r.name, r.patience, r.action) for r in rules] == [
+        ("NonFinite", "nonfinite", 1, "stop"),
+        ("RepresentationCollapse", "representation_collapse", 3, "warn"),
+        ("ProbeDrift", "drift", 1, "warn"),
+        ("CumulativeDrift", "cumulative_drift", 1, "warn"),
+        ("OutputMeanShift", "output_mean_shift", 3, "warn"),
+        ("AccuracyCollapse", "accuracy_collapse", 3, "warn"),
+        ("QHaltRising", "q_halt_rising", 8, "warn"),
+        ("IgnoredEncoder", "ignored_encoder", 3, "warn"),
+        ("IgnoredEncoder", "ignored_encoder", 5, "warn"),
     ]
-    nonfinite, collapse, drift, accuracy, q_halt = rules
+    nonfinite, collapse, drift, cumulative, mean, accuracy, q_halt, ignored_val, ignored_train = rules
     assert nonfinite.check_gradients and nonfinite.checked_during_warmup
     assert not any(r.checked_during_warmup for r in rules[1:])
-    assert collapse.thresholds() == {"min_normalized_var": 0.01, "max_cross_task_cosine": 0.99}
-    assert drift.thresholds() == {"max_probe_drift_cosine": 0.3, "max_probe_drift_rel_l2": None}
+    assert collapse.thresholds() == {"min_normalized_var": 0.01, "max_cross_task_cosine": 0.99,
+                                     "max_probe_retrieval": 0.5}
+    assert drift.thresholds() == {"max_probe_drift_cosine": 0.2, "max_probe_drift_rel_l2": None}
+    assert cumulative.thresholds() == {"max_window_drift_cosine": 0.3}
+    assert mean.thresholds() == {"max_mean_fraction": 0.5}
     assert (accuracy.drop, accuracy.min_peak, accuracy.keys) == (0.5, 0.2, ("train/accuracy",))
     assert (q_halt.min_rise, q_halt.keys) == (0.0, ("train/q_halt_loss",))
-    assert collapse.keys == ("diagnostics/encoder_normalized_var", "diagnostics/encoder_cross_task_cosine")
+    assert collapse.keys == ("diagnostics/encoder_normalized_var", "diagnostics/encoder_cross_task_cosine",
+                             "diagnostics/probe_retrieval_acc")
     assert drift.keys == ("diagnostics/probe_drift_cosine", "diagnostics/probe_drift_rel_l2")
+    assert ignored_val.keys == ("val/reliance_drop_shuffled_cell", "train/accuracy", "train/count")
+    assert ignored_train.keys == ("train/reliance_drop_shuffled_cell", "train/accuracy", "train/count")
 
 
 # ------------------------------------------------------------------------------------- reliance, grads

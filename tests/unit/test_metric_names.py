@@ -66,7 +66,8 @@ def test_the_public_names():
     assert names.SCALAR_DIAGNOSTICS == tuple(f"diagnostics/{n}" for n in (
         "encoder_cross_sample_var", "encoder_output_mean", "encoder_output_std", "encoder_normalized_var",
         "encoder_l2n_std", "encoder_cross_task_cosine", "encoder_effective_rank", "probe_same_task_cosine",
-        "probe_diff_task_cosine", "probe_retrieval_acc", "probe_drift_cosine", "probe_drift_rel_l2"))
+        "probe_diff_task_cosine", "probe_retrieval_acc", "probe_drift_cosine", "probe_drift_rel_l2",
+        "probe_window_drift_cosine", "probe_context_loss", "probe_stale_context_loss", "probe_stale_context_gap"))
     assert (run_files.CONFIG_FILE, run_files.EXPERIMENT_FILE, run_files.STATUS_FILE, run_files.ALERTS_FILE,
             run_files.SUBMISSION_FILE, run_files.EVAL_DETAILS_FILE) == (
         "config.yaml", "experiment.json", "status.json", "alerts.jsonl", "submission.json", "eval_details.json")

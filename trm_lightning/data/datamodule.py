@@ -22,6 +22,7 @@ from trm_lightning.data.episodes import (
     EpisodeSampler,
     KeyedEpisodes,
     TaskDemos,
+    TaskShardSampler,
     query_episodes,
 )
 from trm_lightning.errors import ConfigError
@@ -369,11 +370,17 @@ class ARCDataModule(lightning.LightningDataModule):
         *,
         task_indices: Iterable[int] | None = None,
         include_unlabelled: bool = False,
+        shard_tasks: bool = False,
     ) -> DataLoader:
-        """:meth:`queries` as an evaluation DataLoader (``eval_batch_size``, in order, every row kept)."""
+        """:meth:`queries` as an evaluation DataLoader (``eval_batch_size``, in order, every row kept); with
+        ``shard_tasks`` under DDP each rank takes whole tasks (:class:`~trm_lightning.data.episodes.TaskShardSampler`)
+        instead of Lightning's row-by-row split."""
         episodes = self.queries(
             split, aug_indices, task_indices=task_indices, include_unlabelled=include_unlabelled
         )
+        world, rank = self._world()
+        if shard_tasks and world > 1:
+            return self._loader(episodes, self._eval_batch_size(), sampler=TaskShardSampler(episodes, world, rank))
         return self._loader(episodes, self._eval_batch_size(), shuffle=False)
 
     def task_demos(self, task_index: int, versions: Sequence[int]) -> TaskDemos:
@@ -437,10 +444,10 @@ class ARCDataModule(lightning.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         self.setup()
-        return self.query_loader("eval", self.test_aug_indices)
+        return self.query_loader("eval", self.test_aug_indices, shard_tasks=True)
 
     def predict_dataloader(self) -> DataLoader:
         """Every test input of the evaluation tasks, with or without a known output, under the
         ``test_augmentations`` versions (``trm predict`` writes a submission from their votes)."""
         self.setup()
-        return self.query_loader("eval", self.test_aug_indices, include_unlabelled=True)
+        return self.query_loader("eval", self.test_aug_indices, include_unlabelled=True, shard_tasks=True)

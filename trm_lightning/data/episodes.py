@@ -323,6 +323,26 @@ class EpisodeLoader(DataLoader):
         self.sampler.resume_at(epoch, batches * int(self.batch_size))
 
 
+class TaskShardSampler(DistributedSampler):
+    """The evaluation rows of whole tasks per rank (task ``t`` on rank ``t % num_replicas``), in their order.
+
+    Lightning's default for evaluation under DDP splits rows round-robin, so every rank sees every task; with
+    test-time adaptation each rank would then adapt every task. Whole tasks per rank adapt each task once, in
+    parallel. (A subclass of DistributedSampler, so Lightning keeps it.)
+    """
+
+    def __init__(self, dataset: KeyedEpisodes, num_replicas: int, rank: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
+        self.indices = [i for i, key in enumerate(dataset.keys) if key.task_index % num_replicas == rank]
+        self.num_samples = len(self.indices)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
 class KeyedEpisodes(Dataset):
     """A fixed list of episodes (evaluation): item ``i`` is ``episodes[keys[i]]``."""
 
