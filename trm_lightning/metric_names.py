@@ -88,7 +88,7 @@ PROBE_DRIFT_REL_L2 = DIAGNOSTICS_PREFIX + "probe_drift_rel_l2"
 # drift against the probe encoding `drift_window` checks ago (cumulative drift, which one-check drift misses)
 PROBE_WINDOW_DRIFT_COSINE = DIAGNOSTICS_PREFIX + "probe_window_drift_cosine"
 # is the TRM keeping up with the encoder? its loss on the probe queries with today's context, with the context of
-# `drift_window` checks ago, and their difference (stale - today; below 0: the TRM still reads the old encodings better)
+# `stale_lag` checks ago, and their difference (stale - today; below 0: the TRM still reads the old encodings better)
 PROBE_CONTEXT_LOSS = DIAGNOSTICS_PREFIX + "probe_context_loss"
 PROBE_STALE_CONTEXT_LOSS = DIAGNOSTICS_PREFIX + "probe_stale_context_loss"
 PROBE_STALE_CONTEXT_GAP = DIAGNOSTICS_PREFIX + "probe_stale_context_gap"

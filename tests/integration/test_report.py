@@ -222,7 +222,10 @@ def test_csv_and_markdown_hold_every_column(report):
 
 # ----------------------------------------------------------------------------------------------- the plots
 def test_plots_are_pngs_with_one_line_per_run(report):
-    assert sorted(p.name for p in report.plots) == sorted(f"{name}.png" for name in FIGURES)
+    written = {p.name for p in report.plots}
+    # every figure with data; these runs log no probe drift (one probe check) and no reliance drops
+    assert {"accuracy.png", "q_halt_loss.png", "diagnostics.png", "lr.png"} <= written
+    assert written <= {f"{name}.png" for name in FIGURES} and "reliance.png" not in written
     for path in report.plots:
         data = path.read_bytes()
         assert data[:8] == PNG_MAGIC and len(data) > 10_000, path

@@ -23,6 +23,8 @@ FIGURES: dict[str, tuple[str, ...]] = {
     "accuracy": (*TRAIN_ACCURACIES, names.VAL_ACCURACY, names.VAL_EXACT_ACCURACY),
     "q_halt_loss": (names.TRAIN_Q_HALT_LOSS, names.VAL_Q_HALT_LOSS),
     "diagnostics": DIAGNOSTICS,
+    "drift": names.DRIFT_DIAGNOSTICS + names.KEEPING_UP_DIAGNOSTICS,  # is the TRM keeping up with the encoder?
+    "reliance": names.RELIANCE_DIAGNOSTICS,  # does it read the demos?
     "lr": (names.LR_PREFIX + "*",),
 }
 
