@@ -45,8 +45,11 @@ def test_help_and_module_entry_point():
 
 @pytest.mark.parametrize("config", CONFIGS)
 def test_every_config_parses(config, capsys):
-    # experiment files are overlays on the base recipe; the others stand alone
+    # experiment files are overlays on the base recipe, the diagnostics timeline's on the few-shot config (and
+    # collapse.yaml on the timeline); the others stand alone
     stack = ["--config", BASE] if config.startswith("configs/experiments/") else []
+    if config.startswith("configs/diagnostics/"):
+        stack = ["--config", "configs/fewshot_cpu.yaml", "--config", "configs/diagnostics/timeline.yaml"]
     with pytest.raises(SystemExit) as exit_info:
         build_cli(["fit", *stack, "--config", str(ROOT / config), "--print_config"])
     assert exit_info.value.code in (0, None)
