@@ -8,7 +8,8 @@ name such as ``RepresentationCollapse`` resolves) and ``trm fit --help`` documen
   below ``min_normalized_var``, or ``diagnostics/encoder_cross_task_cosine`` above ``max_cross_task_cosine``, while
   the probe tasks are no longer told apart (``probe_retrieval_acc`` at most ``max_probe_retrieval``);
 - :class:`ProbeDrift` (``drift``): a jump, ``diagnostics/probe_drift_cosine`` (since the previous probe check)
-  above ``max_probe_drift_cosine`` or ``probe_drift_rel_l2`` above ``max_probe_drift_rel_l2``; patience 1;
+  above ``max_probe_drift_cosine`` (or ``probe_drift_rel_l2`` above ``max_probe_drift_rel_l2``) and above
+  ``jump_ratio`` x the median of the previous ``history`` checks' drift; patience 1;
 - :class:`CumulativeDrift` (``cumulative_drift``): ``diagnostics/probe_window_drift_cosine`` (since
   ``drift_window`` probe checks ago) above ``max_window_drift_cosine``: a slow drift;
 - :class:`OutputMeanShift` (``output_mean_shift``): ``|encoder_output_mean|`` as a fraction of the values' RMS above
@@ -33,6 +34,7 @@ A new rule is a subclass of :class:`AlertRule` with ``name``, ``keys`` (the metr
 from __future__ import annotations
 
 import math
+import statistics
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -212,29 +214,40 @@ class RepresentationCollapse(AlertRule):
 
 
 class ProbeDrift(AlertRule):
-    """The probe tasks' encodings jumped since the previous probe check, by more than a threshold (patience 1 by
-    default: a single jump fires; a slow drift never does here, see :class:`CumulativeDrift`).
+    """The probe tasks' encodings jumped since the previous probe check: the drift is above an absolute limit *and*
+    ``jump_ratio`` times the median of the previous ``history`` probe checks' drift (patience 1 by default: a single
+    jump fires). Relative to the run's own recent drift because the healthy per-check drift depends on the learning
+    rate and the probe interval (the first checks of a run at lr 1e-3 move by 0.3-0.6, a settled one by 0.01-0.1),
+    so no absolute line separates a jump from learning. A slow drift never fires here: see :class:`CumulativeDrift`.
 
     Args:
-        max_probe_drift_cosine: fires above this ``diagnostics/probe_drift_cosine`` (mean 1 - cos to the previous
-            probe check; None: not tested).
-        max_probe_drift_rel_l2: fires above this ``diagnostics/probe_drift_rel_l2`` (None: not tested).
+        max_probe_drift_cosine: the absolute limit on ``diagnostics/probe_drift_cosine`` (mean 1 - cos to the
+            previous probe check; None: not tested).
+        max_probe_drift_rel_l2: the absolute limit on ``diagnostics/probe_drift_rel_l2`` (None: not tested).
+        jump_ratio: a drift must also exceed this multiple of the median of the previous ``history`` drifts (it
+            needs two earlier checks); None: the absolute limit alone.
+        history: how many previous probe checks the median is taken over.
         patience: consecutive probe checks before it fires.
         action: warn, stop or raise.
     """
 
     name = "drift"
     keys = (names.PROBE_DRIFT_COSINE, names.PROBE_DRIFT_REL_L2)
+    state_attributes = ("streak", "recent")
 
     def __init__(self, max_probe_drift_cosine: float | None = 0.2, max_probe_drift_rel_l2: float | None = None,
-                 patience: int = 1, action: Action = "warn") -> None:
+                 jump_ratio: float | None = 3.0, history: int = 5, patience: int = 1, action: Action = "warn") -> None:
         super().__init__(patience, action)
         if max_probe_drift_cosine is None and max_probe_drift_rel_l2 is None:
             raise ConfigError(f"{type(self).__name__}: both thresholds are None; leave the rule out of the list instead")
         check_range(f"{type(self).__name__}.max_probe_drift_cosine", max_probe_drift_cosine, 0.0, 2.0, allow_none=True)
         check_at_least(f"{type(self).__name__}.max_probe_drift_rel_l2", max_probe_drift_rel_l2, 0, allow_none=True)
+        check_at_least(f"{type(self).__name__}.jump_ratio", jump_ratio, 1, allow_none=True)
+        check_at_least(f"{type(self).__name__}.history", history, 2)
         self.max_probe_drift_cosine = max_probe_drift_cosine
         self.max_probe_drift_rel_l2 = max_probe_drift_rel_l2
+        self.jump_ratio, self.history = jump_ratio, history
+        self.recent: dict[str, list[float]] = {key: [] for key in self.keys}  # the previous drifts, newest last
 
     def _limits(self) -> tuple[tuple[str, float | None], ...]:
         return ((names.PROBE_DRIFT_COSINE, self.max_probe_drift_cosine),
@@ -242,18 +255,37 @@ class ProbeDrift(AlertRule):
 
     def thresholds(self):
         return {"max_probe_drift_cosine": self.max_probe_drift_cosine,
-                "max_probe_drift_rel_l2": self.max_probe_drift_rel_l2}
+                "max_probe_drift_rel_l2": self.max_probe_drift_rel_l2, "jump_ratio": self.jump_ratio}
 
     def limits(self):
         return {k: v for k, v in self._limits() if v is not None}
 
+    def _jumped(self, values, key: str, limit: float | None) -> bool:
+        if not _over(values, key, limit):
+            return False
+        if self.jump_ratio is None:
+            return True
+        previous = self.recent.get(key, [])
+        return len(previous) >= 2 and values[key] > self.jump_ratio * statistics.median(previous)
+
     def condition(self, values) -> bool:
-        return any(_over(values, key, limit) for key, limit in self._limits())
+        return any(self._jumped(values, key, limit) for key, limit in self._limits())
+
+    def update(self, values, step: int = 0):
+        alert = super().update(values, step)
+        for key in self.keys:
+            if key in values and math.isfinite(float(values[key])):
+                self.recent[key] = (self.recent.get(key, []) + [float(values[key])])[-self.history:]
+        return alert
 
     def describe(self, values) -> str:
-        parts = [f"{key.split('/')[-1]}={values[key]:.4g} > {limit}"
-                 for key, limit in self._limits() if _over(values, key, limit)]
-        return " and ".join(parts) + " (the probe tasks' encodings are moving: the TRM sees a shifting input)"
+        parts = []
+        for key, limit in self._limits():
+            if self._jumped(values, key, limit):
+                typical = (f", {values[key] / statistics.median(self.recent[key]):.1f}x the median of the previous "
+                           f"{len(self.recent[key])}" if self.jump_ratio is not None else "")
+                parts.append(f"{key.split('/')[-1]}={values[key]:.4g} > {limit}{typical}")
+        return " and ".join(parts) + " (the probe tasks' encodings jumped: the TRM sees a shifted input)"
 
 
 class CumulativeDrift(AlertRule):

@@ -222,9 +222,14 @@ def test_representation_rule_streaks_and_rearms():
 
 
 def test_drift_and_nonfinite_rules():
-    drift = ProbeDrift(max_probe_drift_cosine=0.1, max_probe_drift_rel_l2=None, patience=2)
+    drift = ProbeDrift(max_probe_drift_cosine=0.1, max_probe_drift_rel_l2=None, jump_ratio=None, patience=2)
     key = "diagnostics/probe_drift_cosine"
     assert _feed(drift, key, [0.01, 0.2, 0.05, 0.2, 0.3]) == [4]
+    # relative to the run's own drift: the early, steadily large drifts of learning do not fire; a jump over a
+    # settled run does (0.9 > 3 x the median 0.1 of the previous five)
+    jump = ProbeDrift(max_probe_drift_cosine=0.2, jump_ratio=3.0, history=5)
+    assert _feed(jump, key, [0.5, 0.4, 0.35, 0.3, 0.1, 0.05, 0.04, 0.9, 0.05]) == [7]
+    assert jump.state()["recent"][key] == [0.1, 0.05, 0.04, 0.9, 0.05]  # the last five, kept in checkpoints
     nonfinite = NonFinite("raise")
     assert nonfinite.update({"nonfinite_loss_ranks": 0.0, "nonfinite_grad_ranks": 0.0}) is None
     alert = nonfinite.update({"nonfinite_loss_ranks": 1.0, "nonfinite_grad_ranks": 0.0}, 7)
@@ -263,7 +268,8 @@ def test_default_rules_keep_the_documented_thresholds():
     assert not any(r.checked_during_warmup for r in rules[1:])
     assert collapse.thresholds() == {"min_normalized_var": 0.01, "max_cross_task_cosine": 0.99,
                                      "max_probe_retrieval": 0.5}
-    assert drift.thresholds() == {"max_probe_drift_cosine": 0.2, "max_probe_drift_rel_l2": None}
+    assert drift.thresholds() == {"max_probe_drift_cosine": 0.2, "max_probe_drift_rel_l2": None, "jump_ratio": 3.0}
+    assert drift.history == 5
     assert cumulative.thresholds() == {"max_window_drift_cosine": 0.3}
     assert mean.thresholds() == {"max_mean_fraction": 0.5}
     assert (accuracy.drop, accuracy.min_peak, accuracy.keys) == (0.5, 0.2, ("train/accuracy",))
