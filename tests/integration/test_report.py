@@ -16,7 +16,7 @@ import pytest
 import torch
 from lightning.pytorch import Callback
 
-from tests.integration.helpers import build_tiny
+from tests.integration.helpers import ROOT, build_tiny
 from trm_lightning.cli import build_cli, main
 from trm_lightning.errors import ConfigError
 from trm_lightning.report.command import build_report
@@ -333,3 +333,24 @@ def test_command_line_errors_and_help(runs, tmp_path, capsys):
     single = build_report(copy / "R2_crash" / "version_0", out=tmp_path / "single", plots=False)
     assert [(r.run, r.status, r.steps) for r in single.rows] == [("R2_crash/version_0", "crashed", 3)]
     assert single.skipped == []
+
+
+# ------------------------------------------------------------------- the docs' scripts over the same run directories
+def _script(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_dashboard_rendering_and_timeline_table(runs, tmp_path, capsys):
+    run = runs["dir"] / "R1_collapse" / "version_0"
+    out = _script("render_dashboard").main([str(run), "--out", str(tmp_path / "dash.png")])
+    assert out.read_bytes()[:8] == PNG_MAGIC
+    assert "charts from" in capsys.readouterr().out
+    _script("timeline_table").main([str(run), "--after", "0"])
+    printed = capsys.readouterr().out
+    assert "diagnostics/encoder_normalized_var" in printed
+    assert "first alert representation_collapse @ 2" in printed  # from alerts.jsonl
