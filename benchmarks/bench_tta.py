@@ -39,6 +39,7 @@ if str(ROOT) not in sys.path:  # run as `python benchmarks/bench_tta.py` from an
 from benchmarks.bench_fewshot import CONFIG, RUN_VERSION, load_run, score  # noqa: E402
 from trm_lightning.adaptation import METHODS, PARAMETER_SETS, AdaptationConfig, Finetuner, adapt_contexts  # noqa: E402
 from trm_lightning.evaluation import PassAtK  # noqa: E402
+from trm_lightning.run_files import CHECKPOINT_DIR, LAST_CHECKPOINT  # noqa: E402
 
 TRM_PROTOCOL = "puzzle_emb_trm_protocol"  # the run name of the TRM-protocol baseline under --run
 
@@ -153,7 +154,7 @@ def main(argv: list[str] | None = None) -> list[str]:
     torch.set_num_threads(args.threads)
     run = Path(args.run)
     run_dir = run / "encoder" / RUN_VERSION
-    if not (run_dir / "checkpoints" / "last.ckpt").is_file():
+    if not (run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT).is_file():
         sys.exit(f"bench tta: no trained encoder-TRM under {run_dir}: run "
                  f"`python benchmarks/bench_fewshot.py --models encoder --out {run}` first")
     module, dm = load_run(run_dir)
@@ -192,7 +193,7 @@ def main(argv: list[str] | None = None) -> list[str]:
     trm_run = Path(args.trm_protocol_run) if args.trm_protocol_run else run / TRM_PROTOCOL / RUN_VERSION
     if args.train_trm_protocol:
         trm_run = train_trm_protocol(run, args.trm_protocol_steps)
-    if (trm_run / "checkpoints" / "last.ckpt").is_file():
+    if (trm_run / CHECKPOINT_DIR / LAST_CHECKPOINT).is_file():
         baseline, bdm = load_run(trm_run)
         if not bdm.train_on_eval_demos:
             sys.exit(f"bench tta: {trm_run} was not trained with data.train_on_eval_demos=true")

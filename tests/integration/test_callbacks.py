@@ -181,7 +181,8 @@ def test_slowly_drifting_encoder_fires_drift(dirs, tmp_path):
         return context + 0.2 * trainer.global_step * direction
 
     def run(name, encode):
-        drift = ProbeDrift(max_probe_drift_cosine=None, max_probe_drift_rel_l2=0.05, patience=2, action="stop")
+        drift = ProbeDrift(max_probe_drift_cosine=None, max_probe_drift_rel_l2=0.05, jump_ratio=None, patience=2,
+                           action="stop")  # absolute limit only: the relative test needs a history
         alert = CollapseAlert(_defaults_with(drift, without=(RepresentationCollapse,)))
         cli = _fit(dirs, tmp_path / name, [EncoderDiagnostics(every_n_steps=1, probe_tasks=6), alert], *NO_VAL,
                    "--model.encoder_lr_scale=0", encode=encode, max_steps=5)
@@ -248,7 +249,8 @@ def test_alerts_do_not_depend_on_the_callback_order(dirs, tmp_path, alert_first)
         batch_check = diagnostics._batch_check
         diagnostics._batch_check = lambda trainer, *a: computed.append(trainer.global_step) or batch_check(trainer, *a)
         rules = [RepresentationCollapse(patience=2), ProbeDrift(max_probe_drift_cosine=None,
-                                                                max_probe_drift_rel_l2=0.05, patience=2)]
+                                                                max_probe_drift_rel_l2=0.05, jump_ratio=None,
+                                                                patience=2)]
         alert = CollapseAlert(rules, check_every_n_steps=1)
         order = [alert, diagnostics] if first else [diagnostics, alert]
         with pytest.warns(UserWarning, match=r"\[drift\] at step 3"):
@@ -290,7 +292,7 @@ def test_rules_are_chosen_in_yaml_by_short_or_full_class_path(dirs, tmp_path, ca
     assert collapse.thresholds() == {"min_normalized_var": 0.02, "max_cross_task_cosine": 0.99,
                                      "max_probe_retrieval": 0.5}
     assert type(drift) is ProbeDrift and drift.thresholds() == {"max_probe_drift_cosine": 0.2,
-                                                                "max_probe_drift_rel_l2": 0.1}
+                                                                "max_probe_drift_rel_l2": 0.1, "jump_ratio": 3.0}
     assert type(nonfinite) is NonFinite and nonfinite.action == "stop"
     assert [type(r) for r in default.rules] == [type(r) for r in default_rules()]
 
