@@ -1,46 +1,57 @@
-"""Held-out-rule benchmark (few-shot): can encoder-TRM solve a rule it never trained on by reading its demos?
+"""Held-out-rule benchmark (few-shot), a gate: can encoder-TRM solve a rule it never trained on by reading its demos?
 
     python benchmarks/bench_fewshot.py                 # `make bench-fewshot`: the whole thing on the CPU
-    python benchmarks/bench_fewshot.py --steps 20 --baseline-steps 20 --train-tasks 64   # a smoke run
+    python benchmarks/bench_fewshot.py --steps 20 --train-tasks 64   # a smoke run (it will FAIL the targets)
 
 1. Tasks (``trm_lightning/data/fewshot_rules.py``, :func:`make_fewshot_split`): every rule is ``family(s, c)``, a
    structural operation ``s`` (dihedral transform, gravity side, ray direction, fill mode, size rank, tiling
    mode, source colour) drawing in colour ``c``. The split holds out (s, c) combinations: a held-out rule never
    occurs in training, but its parts do, and within a family all tasks draw inputs from one distribution, so
-   a held-out query is ambiguous without its demos. The task directories are written under ``--out``.
-2. Two short trainings through the real CLI (``configs/fewshot_cpu.yaml``): encoder-TRM
-   (``model.conditioner=StandardDemoEncoder``) and TRM's puzzle-id baseline (``model.conditioner=PuzzleEmbedding``), same
-   model, data, steps and seed.
-3. The held-out queries (original version, augmentation 0), one rollout each (``model.rollout``, exactly
-   ``halt_max_steps`` ACT steps), counted as exact matches (every cell and the EOS border right), three ways:
+   a held-out query is ambiguous without its demos. Three task sets: the training tasks (written under ``--out``,
+   or, with ``--fresh-tasks``, generated on the fly by the datamodule, a new set every epoch), the held-out tasks
+   (one per held-out rule, round robin) and *new* tasks of the training rules (another random stream: demos and
+   queries training never saw), on which the ``train`` number is measured.
+2. Two trainings through the real CLI (``configs/fewshot_cpu.yaml``): encoder-TRM
+   (``model.conditioner=StandardDemoEncoder``) and TRM's puzzle-id baseline (``model.conditioner=PuzzleEmbedding``),
+   same model and steps, concurrently (one core each). The baseline always trains on the written task set: a
+   puzzle id needs a task that repeats.
+3. Every query of the original version, one rollout each (``model.rollout``, exactly ``halt_max_steps`` ACT steps),
+   counted as exact matches (every cell and the EOS border right):
 
-   - ``heldout``: encoder-TRM with the context of the query's own demos;
-   - ``shuffled_context``: the same model, each row given the context of a row of *another rule* (a fixed
+   - ``heldout``: encoder-TRM on the held-out rules, with the context of the query's own demos;
+   - ``shuffled_context``: the same queries, each row given the context of a row of *another rule* (a fixed
      derangement over rules, as ``callbacks.ContextReliance`` does over tasks). The gap to ``heldout`` is the
      evidence that the answers come from reading the demos;
-   - ``puzzle_emb_baseline``: the puzzle-id model. A held-out task was never trained, so its rows carry the
-     blank id (an all-zero prefix): it cannot know which rule applies and shows what the input alone gives.
+   - ``puzzle_emb_baseline``: the puzzle-id model on the held-out queries. A held-out task was never trained, so
+     its rows carry the blank id (an all-zero prefix): it shows what the query input alone gives;
+   - ``train``: encoder-TRM on the new tasks of the training rules (generalisation to new tasks of known rules).
 
    ``data.train_on_eval_demos`` stays off: with it (TRM's protocol) both models would train on the held-out
-   tasks' demo pairs, the puzzle-id table would learn a vector per held-out task, and the number would measure
-   test-time training on those tasks, not few-shot generalisation to an unseen rule. Augmentation is off as
-   well (``data.num_train_augmentations: 1``): a colour permutation or dihedral transform of a task is another
-   rule of the family, possibly a held-out one.
+   tasks' demo pairs and the number would measure test-time training, not few-shot generalisation. Augmentation
+   is off as well (``data.num_train_augmentations: 1``): a colour permutation or dihedral transform of a task is
+   another rule of the family, possibly a held-out one.
 
-The last line is ``fewshot: heldout=<a>/<n> shuffled_context=<b>/<n> puzzle_emb_baseline=<c>/<n>``. Above it:
-per-family counts, and each model's exact accuracy on (a sample of) its own training queries as a check that
-training worked at all. Extra ``trm`` options go after ``--``, e.g. ``-- --model.hidden_size=96``.
+The last line is the verdict, ``fewshot: PASS heldout=<a>/<n> (<p>%) shuffled_context=<b>/<n>
+puzzle_emb_baseline=<c>/<n> train=<d>/<m>`` or ``fewshot: FAIL ... (<why>)`` with exit status 1. The targets
+(``--min-train``, ``--min-heldout``, ``--max-shuffled``, ``--max-baseline``) default to the issue's: train >= 90%,
+heldout >= 50%, shuffled <= 5%, baseline <= 5%. Above it: per-family counts and cell accuracies. Extra ``trm``
+options for both fits go after ``--``, e.g. ``-- --model.hidden_size=96``; ``--encoder-config FILE`` adds a YAML
+(an experiment overlay) to the encoder fit only. ``--record FILE`` appends the numbers as one JSON line.
+
+The functions :func:`make_tasks`, :func:`query_batch`, :func:`score`, :func:`shuffled_context` and :func:`verdict`
+are the benchmark's pieces for other scripts (test-time adaptation is measured on the same tasks and scores).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -50,12 +61,22 @@ if str(ROOT) not in sys.path:  # run as `python benchmarks/bench_fewshot.py` fro
     sys.path.insert(0, str(ROOT))
 
 from callbacks.context_reliance import derangement  # noqa: E402
-from trm_lightning.losses import row_accuracy  # noqa: E402
-from trm_lightning.run_files import LAST_CHECKPOINT, checkpoint_dir  # noqa: E402
+from trm_lightning.data.arc import ArcTask  # noqa: E402
 from trm_lightning.data.datamodule import ARCDataModule  # noqa: E402
-from trm_lightning.data.fewshot_rules import FEWSHOT_FAMILIES, make_fewshot_split, rule_of, split_rules  # noqa: E402
+from trm_lightning.data.episodes import query_episodes  # noqa: E402
+from trm_lightning.data.fewshot_rules import (  # noqa: E402
+    FEWSHOT_FAMILIES,
+    NEW_TASK_STREAM,
+    FewshotRule,
+    make_fewshot_split,
+    make_rule_tasks,
+    rule_of,
+    split_rules,
+)
 from trm_lightning.data.task_json import write_task_dir  # noqa: E402
+from trm_lightning.losses import row_accuracy  # noqa: E402
 from trm_lightning.module import TRMLitModule  # noqa: E402
+from trm_lightning.run_files import LAST_CHECKPOINT, checkpoint_dir  # noqa: E402
 
 CONFIG = ROOT / "configs" / "fewshot_cpu.yaml"
 CONDITIONERS = {"encoder": "StandardDemoEncoder", "puzzle_emb": "PuzzleEmbedding"}  # run label -> model.conditioner
@@ -64,32 +85,95 @@ RUN_VERSION = "bench"  # runs land in <out>/<conditioning>/bench/ (replaced by t
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default=str(CONFIG), help="the trm config both fits start from")
+    p.add_argument("--encoder-config", action="append", default=[],
+                   help="an extra YAML for the encoder fit only (after --config; e.g. an experiment overlay)")
     p.add_argument("--steps", type=int, default=None, help="encoder-TRM training steps (default: the config's)")
     p.add_argument("--baseline-steps", type=int, default=None,
                    help="puzzle-id baseline training steps (default: the same as --steps)")
-    p.add_argument("--train-tasks", type=int, default=4000, help="training tasks (over the training rules)")
-    p.add_argument("--heldout-tasks", type=int, default=138, help="held-out tasks (over the held-out rules)")
+    p.add_argument("--train-tasks", type=int, default=4000, help="written training tasks (over the training rules)")
+    p.add_argument("--fresh-tasks", action=argparse.BooleanOptionalAction, default=None,
+                   help="encoder-TRM trains on tasks generated on the fly (data.fresh_tasks: data.episodes_per_epoch "
+                        "new tasks every epoch, never repeated) instead of the written ones (default: the config's)")
+    p.add_argument("--heldout-tasks", type=int, default=None,
+                   help="held-out tasks, round robin over the held-out rules (default: two per rule)")
+    p.add_argument("--new-tasks", type=int, default=None,
+                   help="new tasks of the training rules, the `train` number (default: one per training rule)")
     p.add_argument("--heldout-fraction", type=float, default=0.25, help="share of each family's rules held out")
-    p.add_argument("--families", nargs="+", default=list(FEWSHOT_FAMILIES), choices=FEWSHOT_FAMILIES)
+    p.add_argument("--families", nargs="+", default=None, choices=FEWSHOT_FAMILIES,
+                   help="rule families (default: the config's data.fresh_tasks families, else all)")
     p.add_argument("--demos", type=int, default=3, help="demo pairs per task")
     p.add_argument("--max-side", type=int, default=6, help="largest grid side (the canvas is the config's)")
     p.add_argument("--seed", type=int, default=0, help="task generation and training seed")
-    p.add_argument("--train-eval-queries", type=int, default=128,
-                   help="training queries re-evaluated as a check that training worked (0: none)")
+    p.add_argument("--models", nargs="+", default=list(CONDITIONERS), choices=list(CONDITIONERS),
+                   help="which fits to run (the verdict needs both)")
     p.add_argument("--jobs", type=int, default=2, choices=(1, 2),
                    help="fits at a time: 2 trains both models concurrently (one core each on a 2-core CPU)")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads per fit (OMP_NUM_THREADS)")
+    p.add_argument("--min-train", type=float, default=0.9, help="target: exact on new tasks of training rules")
+    p.add_argument("--min-heldout", type=float, default=0.5, help="target: exact on held-out rules")
+    p.add_argument("--max-shuffled", type=float, default=0.05, help="target: shuffled-context exact at most this")
+    p.add_argument("--max-baseline", type=float, default=0.05, help="target: puzzle-id baseline exact at most this")
     p.add_argument("--out", default=str(ROOT / "runs" / "fewshot"), help="task directories and run logs go here")
+    p.add_argument("--record", default=None, help="append the numbers as one JSON line to this file")
     p.add_argument("overrides", nargs="*", help="extra trm options for both fits, after --")
     return p.parse_args(argv)
+
+
+# --------------------------------------------------------------------------------------------------- tasks
+@dataclass
+class FewshotTasks:
+    """The benchmark's task sets: ``train`` (written for the fits), ``heldout`` (held-out rules) and ``new`` (new
+    tasks of the training rules), with the rule split they come from."""
+
+    train_rules: list[FewshotRule]
+    heldout_rules: list[FewshotRule]
+    train: list[ArcTask]
+    heldout: list[ArcTask]
+    new: list[ArcTask]
+    rule_by_id: dict[str, str] = field(default_factory=dict)  # task id -> rule name (loaded tasks lose the source)
+
+
+def make_tasks(
+    families: list[str], seed: int, n_train: int, n_heldout: int | None = None, n_new: int | None = None,
+    heldout_fraction: float = 0.25, n_demos: int = 3, max_side: int = 6,
+) -> FewshotTasks:
+    """The three task sets for ``seed`` (deterministic). A new task whose query pair also occurs in a training task
+    is dropped (never happened in the sizes used, but ``train`` must measure unseen queries)."""
+    train_rules, heldout_rules = split_rules(families, heldout_fraction, seed)
+    n_heldout = 2 * len(heldout_rules) if n_heldout is None else n_heldout
+    n_new = len(train_rules) if n_new is None else n_new
+    common = dict(n_demos=n_demos, max_side=max_side)
+    train, heldout = make_fewshot_split(max(1, n_train), n_heldout, seed, families=families,
+                                        heldout_fraction=heldout_fraction, **common)
+    new = make_rule_tasks(train_rules, n_new, seed=seed, prefix="fs_new_", stream=NEW_TASK_STREAM, **common)
+    trained = set().union(*(t.pair_hashes() for t in train))
+    new = [t for t in new if not (t.pair_hashes() & trained)]
+    tasks = FewshotTasks(train_rules, heldout_rules, train, heldout, new)
+    tasks.rule_by_id = {t.task_id: rule_of(t).name for t in train + heldout + new}
+    return tasks
+
+
+def query_batch(tasks: list[ArcTask], dm: ARCDataModule) -> dict[str, torch.Tensor]:
+    """Every test query of ``tasks`` (original version) as one batch, on the datamodule's canvas and demo slots."""
+    return query_episodes(tasks, dm.canvas_size, dm.max_demos, [0], seed=dm.seed).batch()
 
 
 # ------------------------------------------------------------------------------------------------- training
 def fit_command(args: argparse.Namespace, data: Path, conditioning: str, steps: int | None) -> list[str]:
     """``python -m trm_lightning fit ...`` (the ``trm fit`` CLI) for one of the two models."""
+    extra = args.encoder_config if conditioning == "encoder" else []
+    fresh = ["--data.fresh_tasks=null"]  # the baseline (a puzzle id needs a task that repeats), or --no-fresh-tasks
+    if conditioning == "encoder" and args.fresh_tasks:  # the same split as the written held-out tasks
+        fresh = [f"--data.fresh_tasks.families=[{','.join(args.families)}]",
+                 f"--data.fresh_tasks.heldout_fraction={args.heldout_fraction}",
+                 f"--data.fresh_tasks.split_seed={args.seed}",
+                 f"--data.fresh_tasks.n_demos={args.demos}",
+                 f"--data.fresh_tasks.max_side={args.max_side}"]
     return [
         sys.executable, "-m", "trm_lightning", "fit",
-        "--config", str(CONFIG),
+        "--config", str(args.config),
+        *[a for path in extra for a in ("--config", str(path))],
         f"--data.train_source={data / 'train'}",
         f"--data.eval_source={data / 'heldout'}",
         f"--seed_everything={args.seed}",
@@ -97,6 +181,7 @@ def fit_command(args: argparse.Namespace, data: Path, conditioning: str, steps: 
         f"--trainer.logger.init_args.name={conditioning}",
         f"--trainer.logger.init_args.version={RUN_VERSION}",
         *([] if steps is None else [f"--trainer.max_steps={steps}"]),
+        *fresh,
         *args.overrides,
         # last: choosing another conditioner class drops the encoder knobs the overrides may set
         f"--model.conditioner={CONDITIONERS[conditioning]}",
@@ -104,12 +189,12 @@ def fit_command(args: argparse.Namespace, data: Path, conditioning: str, steps: 
 
 
 def run_fits(args: argparse.Namespace, data: Path) -> dict[str, tuple[Path, float]]:
-    """Train both models (concurrently with ``--jobs 2``, each on ``--threads`` threads); returns, per
+    """Train the ``--models`` (concurrently with ``--jobs 2``, each on ``--threads`` threads); returns, per
     conditioning, its run directory and the fit's wall seconds. A failed fit prints its log's tail and exits 1."""
     out = Path(args.out)
     steps = {"encoder": args.steps, "puzzle_emb": args.baseline_steps if args.baseline_steps is not None else args.steps}
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONWARNINGS="ignore")
-    pending = list(steps)
+    pending = [name for name in CONDITIONERS if name in args.models]
     running: dict[str, tuple[subprocess.Popen, float, Path, Path]] = {}
     done: dict[str, tuple[Path, float]] = {}
     while pending or running:
@@ -152,16 +237,32 @@ def load_run(run_dir: Path) -> tuple[TRMLitModule, ARCDataModule]:
 
 
 # ----------------------------------------------------------------------------------------------- evaluation
+@dataclass(frozen=True)
+class Score:
+    """Per query: ``exact`` (N,) bool, every supervised cell right; ``cell`` (N,) the fraction of them right."""
+
+    exact: torch.Tensor
+    cell: torch.Tensor
+
+    def count(self, rows: torch.Tensor | None = None) -> int:
+        return int(self.exact.sum() if rows is None else self.exact[rows].sum())
+
+    @property
+    def n(self) -> int:
+        return int(self.exact.numel())
+
+
 @torch.no_grad()
 def score(model, batch: dict[str, torch.Tensor], context: torch.Tensor | None = None, chunk: int = 64) -> Score:
     """One evaluation rollout per row, in chunks of ``chunk`` rows; ``context`` (N, P, D), when given, replaces
-    the rows' own context."""
-    model.eval()
+    the rows' own context. ``model`` is a :class:`TRMLitModule` or a bare ``EncoderTRM``."""
+    net = getattr(model, "model", model)
+    net.eval()
     exact, cells = [], []
     for start in range(0, batch["inputs"].shape[0], chunk):
         part = {k: v[start : start + chunk] for k, v in batch.items()}
         own = None if context is None else context[start : start + chunk]
-        logits = model.model.rollout(part, context=own).logits
+        logits = net.rollout(part, context=own).logits
         has, hit, cell = row_accuracy(logits.argmax(-1), part["labels"])
         if not bool(has.all()):
             raise RuntimeError("an evaluation query without a known output")
@@ -178,103 +279,167 @@ def shuffled_context(model, batch: dict[str, torch.Tensor], rule_ids: torch.Tens
         raise RuntimeError("the shuffled-context control needs at least two held-out queries")
     if bool((rule_ids[perm] == rule_ids).any()):
         raise RuntimeError("a held-out rule holds more than half the queries: its rows cannot all be shuffled")
-    model.eval()
+    net = getattr(model, "model", model)
+    net.eval()
     rows = batch["inputs"].shape[0]
     with torch.no_grad():
-        own = torch.cat([model.model.encode({k: v[i : i + chunk] for k, v in batch.items()})
-                         for i in range(0, rows, chunk)])
-    return score(model, batch, own[perm], chunk)
+        own = torch.cat([net.encode({k: v[i : i + chunk] for k, v in batch.items()}) for i in range(0, rows, chunk)])
+    return score(net, batch, own[perm], chunk)
 
 
-@dataclass(frozen=True)
-class Score:
-    """Per query: ``exact`` (N,) bool, every supervised cell right; ``cell`` (N,) the fraction of them right."""
+def rule_names(batch: dict[str, torch.Tensor], tasks: list[ArcTask], rule_by_id: dict[str, str]) -> list[str]:
+    """The rule name of every row of a :func:`query_batch` of ``tasks``."""
+    return [rule_by_id[tasks[int(t)].task_id] for t in batch["task_index"]]
 
-    exact: torch.Tensor
-    cell: torch.Tensor
 
-    def count(self, rows: torch.Tensor | None = None) -> int:
-        return int(self.exact.sum() if rows is None else self.exact[rows].sum())
+def rule_index(names: list[str]) -> torch.Tensor:
+    index = {name: i for i, name in enumerate(sorted(set(names)))}
+    return torch.tensor([index[name] for name in names])
 
 
 def pct(k: int, n: int) -> str:
     return f"{k}/{n} ({100.0 * k / n:.1f}%)" if n else f"{k}/0"
 
 
-def main(argv: list[str] | None = None) -> str:
+def verdict(scores: dict[str, Score], args: argparse.Namespace) -> tuple[bool, str]:
+    """(passed, the closing line). ``scores`` holds ``heldout``, ``shuffled_context``, ``puzzle_emb_baseline`` and
+    ``train`` (any may be missing: a missing one fails)."""
+    targets = {  # name -> (at least?, target)
+        "train": (True, args.min_train), "heldout": (True, args.min_heldout),
+        "shuffled_context": (False, args.max_shuffled), "puzzle_emb_baseline": (False, args.max_baseline),
+    }
+    failed = []
+    for name, (at_least, target) in targets.items():
+        sc = scores.get(name)
+        if sc is None or sc.n == 0:
+            failed.append(f"{name} not measured")
+            continue
+        rate = sc.count() / sc.n
+        if (rate < target) if at_least else (rate > target):
+            failed.append(f"{name} {100 * rate:.1f}% {'<' if at_least else '>'} {100 * target:.0f}%")
+
+    def part(name: str) -> str:
+        sc = scores.get(name)
+        return "n/a" if sc is None else f"{sc.count()}/{sc.n}"
+
+    held = scores.get("heldout")
+    held_text = part("heldout") + (f" ({100.0 * held.count() / held.n:.1f}%)" if held is not None and held.n else "")
+    line = (f"fewshot: {'FAIL' if failed else 'PASS'} heldout={held_text} shuffled_context={part('shuffled_context')} "
+            f"puzzle_emb_baseline={part('puzzle_emb_baseline')} train={part('train')}")
+    if failed:
+        line += " (" + "; ".join(failed) + ")"
+    return not failed, line
+
+
+def config_fresh_tasks(configs: list[str]) -> dict | None:
+    """``data.fresh_tasks`` of the encoder fit's YAML files (the last that sets it wins; None: the written tasks)."""
+    import yaml
+
+    fresh = None
+    for config in configs:
+        data = (yaml.safe_load(Path(config).read_text()) or {}).get("data") or {}
+        if "fresh_tasks" in data:
+            fresh = data["fresh_tasks"]
+    return dict(fresh) if isinstance(fresh, dict) else None
+
+
+def main(argv: list[str] | None = None) -> tuple[bool, str]:
     args = parse_args(argv)
+    fresh = config_fresh_tasks([args.config, *args.encoder_config])
+    if args.fresh_tasks is None:
+        args.fresh_tasks = fresh is not None
+    if args.families is None:
+        args.families = list((fresh or {}).get("families") or FEWSHOT_FAMILIES)
     torch.set_num_threads(args.threads)
     wall = time.perf_counter()
     out = Path(args.out)
     data = out / "data"
 
     # ---- tasks
-    train_rules, heldout_rules = split_rules(args.families, args.heldout_fraction, args.seed)
-    train, heldout = make_fewshot_split(
-        args.train_tasks, args.heldout_tasks, args.seed, families=args.families,
-        heldout_fraction=args.heldout_fraction, n_demos=args.demos, max_side=args.max_side,
-    )
+    tasks = make_tasks(args.families, args.seed, args.train_tasks, args.heldout_tasks, args.new_tasks,
+                       args.heldout_fraction, args.demos, args.max_side)
     for split in ("train", "heldout"):  # stale files of an earlier run would be read as tasks
         for old in (data / split).glob("*.json"):
             old.unlink()
-    write_task_dir(train, data / "train")
-    write_task_dir(heldout, data / "heldout")
-    print(f"fewshot: {len(train_rules)} training rules, {len(heldout_rules)} held-out rules over "
-          f"{len(args.families)} families; {len(train)} training tasks, {len(heldout)} held-out tasks "
-          f"in {data}", flush=True)
+    write_task_dir(tasks.train, data / "train")
+    write_task_dir(tasks.heldout, data / "heldout")
+    source = "tasks generated on the fly (new every epoch)" if args.fresh_tasks else f"{len(tasks.train)} training tasks"
+    print(f"fewshot: {len(tasks.train_rules)} training rules, {len(tasks.heldout_rules)} held-out rules over "
+          f"{len(args.families)} families ({' '.join(args.families)}); encoder trains on {source}; "
+          f"{len(tasks.heldout)} held-out tasks, {len(tasks.new)} new tasks of training rules; in {data}", flush=True)
 
-    # ---- the two trainings, then the trained modules from their checkpoints
+    # ---- the trainings, then the trained modules from their checkpoints
     fits = run_fits(args, data)
     start = time.perf_counter()
-    encoder, dm = load_run(fits["encoder"][0])
-    baseline, emb_dm = load_run(fits["puzzle_emb"][0])
-    if len(dm.eval_tasks) != len(heldout) or len(dm.train_tasks) != len(train):
-        raise RuntimeError(f"the datamodule kept {len(dm.train_tasks)}/{len(train)} training and "
-                           f"{len(dm.eval_tasks)}/{len(heldout)} held-out tasks (canvas too small?)")
-    batch = dm.queries("eval", [0]).batch()  # every held-out query, original version
-    rule_by_id = {task.task_id: rule_of(task).name for task in heldout}  # loaded tasks' source is the path
-    rule_names = [rule_by_id[dm.eval_tasks[int(t)].task_id] for t in batch["task_index"]]
-    index = {name: i for i, name in enumerate(sorted(set(rule_names)))}
-    rule_ids = torch.tensor([index[name] for name in rule_names])
-    if bool(batch["puzzle_id"].any()):  # the table trained rows for them: data.train_on_eval_demos was on
-        raise RuntimeError("held-out queries must carry the blank puzzle id (is data.train_on_eval_demos on?)")
-
-    real = score(encoder, batch)
-    shuffled = shuffled_context(encoder, batch, rule_ids)
-    base = score(baseline, batch)
-    n = real.exact.numel()
-
-    limit = args.train_eval_queries
-    seen = {}
-    if limit:
-        seen["encoder"] = score(encoder, dm.queries("train", [0]).batch(limit))
-        seen["puzzle_emb"] = score(baseline, emb_dm.queries("train", [0]).batch(limit))
+    scores: dict[str, Score] = {}
+    models = {name: load_run(run_dir) for name, (run_dir, _) in fits.items()}
+    held_batch = new_batch = None
+    for name, (model, dm) in models.items():
+        if len(dm.eval_tasks) != len(tasks.heldout):
+            raise RuntimeError(f"the datamodule kept {len(dm.eval_tasks)}/{len(tasks.heldout)} held-out tasks "
+                               "(canvas too small?)")
+        held_batch = query_batch(tasks.heldout, dm)
+        new_batch = query_batch(tasks.new, dm)
+        if name == "encoder":
+            names = rule_names(held_batch, tasks.heldout, tasks.rule_by_id)
+            scores["heldout"] = score(model, held_batch)
+            scores["shuffled_context"] = shuffled_context(model, held_batch, rule_index(names))
+            scores["train"] = score(model, new_batch)
+        else:
+            if bool(held_batch["puzzle_id"].any()):
+                raise RuntimeError("held-out queries must carry the blank puzzle id")
+            scores["puzzle_emb_baseline"] = score(model, held_batch)
+            scores["baseline_new"] = score(model, new_batch)
     eval_s = time.perf_counter() - start
 
     # ---- report
-    families = [name.partition("(")[0] for name in rule_names]
-    print(f"\nfewshot: held-out queries solved exactly, by family ({len(heldout_rules)} held-out rules, "
-          f"{len(heldout)} tasks)")
-    print(f"  {'family':<10} {'n':>4} {'heldout':>16} {'shuffled_context':>18} {'puzzle_emb':>16}")
-    for family in dict.fromkeys(f for f in FEWSHOT_FAMILIES if f in families):
-        rows = torch.tensor([f == family for f in families])
-        k = int(rows.sum())
-        print(f"  {family:<10} {k:>4} {pct(real.count(rows), k):>16} {pct(shuffled.count(rows), k):>18} "
-              f"{pct(base.count(rows), k):>16}")
-    print(f"  {'all':<10} {n:>4} {pct(real.count(), n):>16} {pct(shuffled.count(), n):>18} {pct(base.count(), n):>16}")
-    print(f"fewshot: held-out cell accuracy (mean over queries): heldout {real.cell.mean():.3f}, "
-          f"shuffled_context {shuffled.cell.mean():.3f}, puzzle_emb_baseline {base.cell.mean():.3f}")
-    if seen:
-        print("fewshot: training queries (trained on; a check that training worked): " + ", ".join(
-            f"{name} {pct(sc.count(), sc.exact.numel())} exact, cell {sc.cell.mean():.3f}" for name, sc in seen.items()))
-    print(f"fewshot: time: encoder fit {fits['encoder'][1]:.0f} s, puzzle_emb fit {fits['puzzle_emb'][1]:.0f} s "
-          f"({'concurrently' if args.jobs > 1 else 'one after the other'}, {args.threads} thread(s) each), "
-          f"evaluation {eval_s:.0f} s, total {time.perf_counter() - wall:.0f} s; runs in {out}")
-    line = (f"fewshot: heldout={real.count()}/{n} shuffled_context={shuffled.count()}/{n} "
-            f"puzzle_emb_baseline={base.count()}/{n}")
+    if held_batch is not None:
+        report(tasks, held_batch, new_batch, scores)
+    times = ", ".join(f"{name} fit {seconds:.0f} s" for name, (_, seconds) in fits.items())
+    print(f"fewshot: time: {times} ({'concurrently' if args.jobs > 1 else 'one after the other'}, {args.threads} "
+          f"thread(s) each), evaluation {eval_s:.0f} s, total {time.perf_counter() - wall:.0f} s; runs in {out}")
+    passed, line = verdict(scores, args)
+    if args.record:
+        record = {"argv": argv if argv is not None else sys.argv[1:], "passed": passed, "line": line,
+                  "fit_seconds": {name: s for name, (_, s) in fits.items()},
+                  "total_seconds": time.perf_counter() - wall,
+                  **{name: [sc.count(), sc.n, float(sc.cell.mean())] for name, sc in scores.items()}}
+        with open(args.record, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
     print(line, flush=True)
-    return line
+    return passed, line
+
+
+def report(tasks: FewshotTasks, held_batch: dict, new_batch: dict, scores: dict[str, Score]) -> None:
+    """Per family: exact counts of every score (new tasks of training rules: ``train``), then cell accuracies."""
+    held_fam = [n.partition("(")[0] for n in rule_names(held_batch, tasks.heldout, tasks.rule_by_id)]
+    new_fam = [n.partition("(")[0] for n in rule_names(new_batch, tasks.new, tasks.rule_by_id)]
+    columns = [("train", new_fam), ("heldout", held_fam), ("shuffled_context", held_fam),
+               ("puzzle_emb_baseline", held_fam)]
+    columns = [(name, fam) for name, fam in columns if name in scores]
+    print(f"\nfewshot: queries solved exactly, by family ({len(tasks.heldout_rules)} held-out rules, "
+          f"{len(tasks.heldout)} held-out tasks; train = {len(tasks.new)} new tasks of the training rules)")
+    print(f"  {'family':<10}" + "".join(f" {name:>20}" for name, _ in columns))
+    for family in dict.fromkeys(f for f in FEWSHOT_FAMILIES if f in held_fam + new_fam):
+        cells = []
+        for name, fam in columns:
+            rows = torch.tensor([f == family for f in fam])
+            cells.append(pct(scores[name].count(rows), int(rows.sum())))
+        print(f"  {family:<10}" + "".join(f" {c:>20}" for c in cells))
+    print(f"  {'all':<10}" + "".join(f" {pct(scores[name].count(), scores[name].n):>20}" for name, _ in columns))
+    print("fewshot: cell accuracy (mean over queries), by family:")
+    for family in dict.fromkeys(f for f in FEWSHOT_FAMILIES if f in held_fam + new_fam):
+        cells = []
+        for name, fam in columns:
+            rows = torch.tensor([f == family for f in fam])
+            cells.append(f"{float(scores[name].cell[rows].mean()):.3f}" if bool(rows.any()) else "-")
+        print(f"  {family:<10}" + "".join(f" {c:>20}" for c in cells))
+    print(f"  {'all':<10}" + "".join(f" {float(scores[name].cell.mean()):>20.3f}" for name, _ in columns))
+    if "baseline_new" in scores:
+        sc = scores["baseline_new"]
+        print(f"fewshot: puzzle_emb_baseline on the new tasks of the training rules (blank id): {pct(sc.count(), sc.n)}")
 
 
 if __name__ == "__main__":
-    main()
+    ok, _ = main()
+    sys.exit(0 if ok else 1)

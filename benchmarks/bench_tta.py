@@ -64,6 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--trm-protocol-steps", type=int, default=None, help="its training steps (default: the config's)")
     p.add_argument("--bootstrap", type=int, default=10000, help="bootstrap resamples for the gain's interval")
     p.add_argument("--record", default=None, help="append the numbers as JSON lines to this file")
+    p.add_argument("overrides", nargs="*", help="extra trm options for the TRM-protocol fit, after --")
     return p.parse_args(argv)
 
 
@@ -124,7 +125,7 @@ def adapt_and_score(module, dm, batch, tasks: list[int], method: str, config: Ad
     return exact, adapt_s, steps
 
 
-def train_trm_protocol(run: Path, steps: int | None) -> Path:
+def train_trm_protocol(run: Path, steps: int | None, overrides: list[str] = ()) -> Path:
     """The puzzle-id baseline with ``data.train_on_eval_demos: true`` on the run's tasks (``trm fit``)."""
     data = run / "data"
     log = run / f"{TRM_PROTOCOL}_fit.log"
@@ -134,6 +135,7 @@ def train_trm_protocol(run: Path, steps: int | None) -> Path:
            f"--trainer.logger.init_args.save_dir={run}", f"--trainer.logger.init_args.name={TRM_PROTOCOL}",
            f"--trainer.logger.init_args.version={RUN_VERSION}",
            *([] if steps is None else [f"--trainer.max_steps={steps}"]),
+           *overrides,
            "--model.conditioner=PuzzleEmbedding"]
     target = run / TRM_PROTOCOL / RUN_VERSION
     if target.exists():
@@ -192,7 +194,7 @@ def main(argv: list[str] | None = None) -> list[str]:
 
     trm_run = Path(args.trm_protocol_run) if args.trm_protocol_run else run / TRM_PROTOCOL / RUN_VERSION
     if args.train_trm_protocol:
-        trm_run = train_trm_protocol(run, args.trm_protocol_steps)
+        trm_run = train_trm_protocol(run, args.trm_protocol_steps, args.overrides)
     if (trm_run / CHECKPOINT_DIR / LAST_CHECKPOINT).is_file():
         baseline, bdm = load_run(trm_run)
         if not bdm.train_on_eval_demos:

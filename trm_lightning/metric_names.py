@@ -44,6 +44,7 @@ TRAIN_ACCURACY = split_metric(TRAIN, ACCURACY)
 TRAIN_EXACT_ACCURACY = split_metric(TRAIN, EXACT_ACCURACY)
 TRAIN_Q_HALT_LOSS = split_metric(TRAIN, Q_HALT_LOSS)
 TRAIN_COUNT = split_metric(TRAIN, COUNT)
+TRAIN_CONTRASTIVE_LOSS = split_metric(TRAIN, "contrastive_loss")  # model.context_contrastive_weight > 0 only
 VAL_ACCURACY = split_metric(VAL, ACCURACY)
 VAL_EXACT_ACCURACY = split_metric(VAL, EXACT_ACCURACY)  # what the best-validation checkpoint monitors
 VAL_Q_HALT_LOSS = split_metric(VAL, Q_HALT_LOSS)

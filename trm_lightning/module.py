@@ -34,7 +34,7 @@ from trm_lightning.checks import check_at_least, check_divisible, check_greater,
 from trm_lightning.errors import ConfigError
 from trm_lightning.adaptation import AdaptationConfig, VotingRun, protocol
 from trm_lightning.losses import act_loss
-from trm_lightning.metric_names import LR, TEST, TRAIN, VAL_VIEWS, pass_at, split_metric
+from trm_lightning.metric_names import LR, TEST, TRAIN, TRAIN_CONTRASTIVE_LOSS, VAL_VIEWS, pass_at, split_metric
 from trm_lightning.metrics import ACTMetrics
 from trm_lightning.models.conditioning import ConditionerFactory, ConditionerShape, PuzzleEmbedding
 from trm_lightning.models.encoder import StandardDemoEncoder
@@ -42,13 +42,14 @@ from trm_lightning.models.encoder_trm import EncoderTRM
 from trm_lightning.models.trm import ACTCarry, TinyRecursiveModel
 from trm_lightning.optim import TRMSchedule, build_optimizer, named_param_groups
 from trm_lightning.pretrained import load_trm_weights, provenance
+from trm_lightning.regularisers import demo_subset_contrastive_loss
 from trm_lightning.trainer_state import ignore_in_ddp, is_logging_step
 from trm_lightning.vocab import VOCAB_SIZE
 
 POSITIVE_INTS = ("canvas_size", "hidden_size", "num_heads", "L_layers", "H_cycles", "L_cycles", "halt_max_steps",
                  "puzzle_emb_len", "num_puzzle_ids")
 NON_NEGATIVE = ("q_halt_loss_weight", "lr", "encoder_lr_scale", "weight_decay", "lr_warmup_steps", "freeze_trm_steps",
-                "freeze_encoder_steps", "puzzle_emb_lr", "puzzle_emb_weight_decay")
+                "freeze_encoder_steps", "puzzle_emb_lr", "puzzle_emb_weight_decay", "context_contrastive_weight")
 
 
 def check_arguments(hp: Mapping[str, Any]) -> None:
@@ -67,6 +68,7 @@ def check_arguments(hp: Mapping[str, Any]) -> None:
     check_probability("model.lr_min_ratio", hp["lr_min_ratio"])
     check_range("model.beta1", hp["beta1"], 0.0, 1.0, high_open=True)
     check_range("model.beta2", hp["beta2"], 0.0, 1.0, high_open=True)
+    check_greater("model.context_contrastive_temperature", hp["context_contrastive_temperature"], 0)
 
 
 def _adaptation_config(value: AdaptationConfig | Mapping[str, Any] | None) -> AdaptationConfig | None:
@@ -136,6 +138,10 @@ class TRMLitModule(LightningModule):
         adaptation: test-time adaptation for ``trm test`` and ``trm predict``, none by default: e.g.
             ``--model.adaptation.methods '[context, finetune]'`` adapts every evaluation task on its own demo pairs
             (never its test outputs) and prints each result beside the unadapted one (trm_lightning/adaptation.py).
+        context_contrastive_weight: weight of the demo-subset contrastive loss (``trm_lightning.regularisers``: the
+            contexts of two disjoint demo subsets of a row must match each other rather than other rows'), a
+            regulariser against memorisation; 0 (the default) computes nothing.
+        context_contrastive_temperature: its InfoNCE temperature.
     """
 
     def __init__(
@@ -170,6 +176,8 @@ class TRMLitModule(LightningModule):
         puzzle_emb_lr: float = 1e-2,
         puzzle_emb_weight_decay: float = 0.1,
         adaptation: AdaptationConfig | None = None,
+        context_contrastive_weight: float = 0.0,
+        context_contrastive_temperature: float = 0.1,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -179,6 +187,9 @@ class TRMLitModule(LightningModule):
         # plain data (class_path + init_args, defaults filled in): checkpoints load with weights_only=True
         self.hparams["conditioner"] = conditioner_spec(self.hparams["conditioner"])
         self.model = self._build_model()
+        if context_contrastive_weight > 0 and not self.model.conditioner.reads_demos:
+            raise ConfigError("model.context_contrastive_weight needs a conditioner that reads the demos "
+                              f"({type(self.model.conditioner).__name__} does not)")
         if isinstance(self.model.conditioner, PuzzleEmbedding):
             # every rank applies the same sign update: DDP must not broadcast the (large) table each step
             ignore_in_ddp(self, ["model.conditioner.weights"])
@@ -270,12 +281,19 @@ class TRMLitModule(LightningModule):
             halted & loss.has_labels, loss.token_accuracy, loss.exact, out.q_halt.detach(), steps, loss.lm_loss,
             loss.q_halt_loss,
         )
-        if is_logging_step(self._trainer):
+        total = loss.loss
+        logging = is_logging_step(self._trainer)
+        if hp.context_contrastive_weight > 0:  # off: not computed, no random draw (bit-identical training)
+            contrastive = demo_subset_contrastive_loss(self.model.encode, data, hp.context_contrastive_temperature)
+            total = total + hp.context_contrastive_weight * contrastive
+            if logging:
+                self.log(TRAIN_CONTRASTIVE_LOSS, contrastive.detach(), on_step=True, on_epoch=False, sync_dist=True)
+        if logging:
             values = self.train_metrics.compute()  # all ranks reach this together: the states are summed
             self.train_metrics.reset()
             self.log_dict({split_metric(TRAIN, k): v for k, v in values.items()}, on_step=True, on_epoch=False)
         return {
-            "loss": loss.loss,
+            "loss": total,
             "context": out.context.detach(),  # (B, P, D) for the diagnostics callbacks
             "task_index": data["task_index"],  # which task each row is solving
             "exact": loss.exact,

@@ -1,43 +1,83 @@
 """The held-out-rule benchmark driver end to end, at toy size: task directories, two fits through ``trm fit``
-(concurrent subprocesses), checkpoints, the three held-out counts and the closing line."""
+(concurrent subprocesses), checkpoints, the four counts and the verdict line (a toy run fails the targets); the
+verdict against the targets on made-up scores; the fresh-task variant's fit trains on generated tasks."""
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import re
+import sys
+
+import torch
 
 from tests.integration.helpers import ROOT
 
-LINE = re.compile(r"^fewshot: heldout=(\d+)/(\d+) shuffled_context=(\d+)/(\d+) puzzle_emb_baseline=(\d+)/(\d+)$")
+LINE = re.compile(r"^fewshot: (PASS|FAIL) heldout=(\d+)/(\d+) \(\d+\.\d%\) shuffled_context=(\d+)/(\d+) "
+                  r"puzzle_emb_baseline=(\d+)/(\d+) train=(\d+)/(\d+)( \(.*\))?$")
+TINY = ["--", "--model.hidden_size=32", "--model.num_heads=2", "--model.conditioner.num_layers=1",
+        "--model.halt_max_steps=2", "--data.global_batch_size=8", "--data.episodes_per_epoch=24"]
 
 
 def _driver():
     spec = importlib.util.spec_from_file_location("bench_fewshot", ROOT / "benchmarks" / "bench_fewshot.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
     return module
 
 
 def test_bench_fewshot_end_to_end_tiny(tmp_path, capsys, one_thread):
-    line = _driver().main([
-        "--steps", "3", "--train-tasks", "40", "--heldout-tasks", "12", "--train-eval-queries", "8",
-        "--out", str(tmp_path),
-        "--", "--model.hidden_size=32", "--model.num_heads=2", "--model.conditioner.num_layers=1",
-        "--model.halt_max_steps=2", "--data.global_batch_size=8", "--data.episodes_per_epoch=24",
+    passed, line = _driver().main([
+        "--steps", "3", "--train-tasks", "40", "--heldout-tasks", "12", "--new-tasks", "10", "--out", str(tmp_path),
+        "--families", "recolour", "gravity", "tile", "--record", str(tmp_path / "record.jsonl"), *TINY,
     ])
     printed = capsys.readouterr().out.strip().splitlines()
     assert printed[-1] == line
     match = LINE.match(line)
     assert match, line
-    heldout, n, shuffled, n2, baseline, n3 = (int(v) for v in match.groups())
-    assert n == n2 == n3 == 12  # one query per held-out task
-    assert all(0 <= k <= n for k in (heldout, shuffled, baseline))
+    verdict, heldout, n, shuffled, n2, baseline, n3, train, m = match.groups()[:9]
+    assert not passed and verdict == "FAIL" and "train" in match.group(10)  # 3 steps learn nothing
+    assert int(n) == int(n2) == int(n3) == 12 and int(m) == 10  # one query per task
     # the per-family table adds up to the same totals
-    total = next(row for row in printed if row.strip().startswith("all "))
-    assert f"{heldout}/12" in total and f"{shuffled}/12" in total and f"{baseline}/12" in total
+    total = next(row for row in printed if row.strip().startswith("all ") and "/" in row)
+    assert f"{train}/10" in total and f"{heldout}/12" in total and f"{baseline}/12" in total
     for name in ("encoder", "puzzle_emb"):
         run = tmp_path / name / "bench"
         assert (run / "checkpoints" / "last.ckpt").is_file() and (run / "config.yaml").is_file()
         assert "max_steps: 3" in (run / "config.yaml").read_text()
     assert len(list((tmp_path / "data" / "heldout").glob("*.json"))) == 12
     assert len(list((tmp_path / "data" / "train").glob("*.json"))) == 40
+    assert '"passed": false' in (tmp_path / "record.jsonl").read_text()
+
+
+def test_verdict_applies_every_target():
+    bench = _driver()
+    args = argparse.Namespace(min_train=0.9, min_heldout=0.5, max_shuffled=0.05, max_baseline=0.05)
+
+    def sc(k: int, n: int):
+        return bench.Score(torch.arange(n) < k, torch.ones(n))
+
+    good = {"train": sc(95, 100), "heldout": sc(60, 100), "shuffled_context": sc(5, 100),
+            "puzzle_emb_baseline": sc(0, 100)}
+    passed, line = bench.verdict(good, args)
+    assert passed and line == ("fewshot: PASS heldout=60/100 (60.0%) shuffled_context=5/100 puzzle_emb_baseline=0/100 "
+                               "train=95/100")
+    for name, bad in (("train", sc(89, 100)), ("heldout", sc(49, 100)), ("shuffled_context", sc(6, 100)),
+                      ("puzzle_emb_baseline", sc(6, 100))):
+        passed, line = bench.verdict({**good, name: bad}, args)
+        assert not passed and line.startswith("fewshot: FAIL") and f"({name} " in line, line
+    passed, line = bench.verdict({k: v for k, v in good.items() if k != "puzzle_emb_baseline"}, args)
+    assert not passed and "puzzle_emb_baseline not measured" in line
+
+
+def test_bench_fewshot_fresh_tasks_fit(tmp_path, capsys, one_thread):
+    bench = _driver()
+    passed, line = bench.main(["--steps", "2", "--train-tasks", "16", "--heldout-tasks", "8", "--new-tasks", "6",
+                               "--models", "encoder", "--fresh-tasks", "--families", "recolour", "tile",
+                               "--out", str(tmp_path), *TINY])
+    assert not passed and "puzzle_emb_baseline not measured" in line
+    log = (tmp_path / "encoder_fit.log").read_text()
+    assert "generated on the fly" in log
+    config = (tmp_path / "encoder" / "bench" / "config.yaml").read_text()
+    assert "fresh_tasks:" in config and "split_seed: 0" in config

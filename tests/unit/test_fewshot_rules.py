@@ -13,6 +13,7 @@ from trm_lightning.data.fewshot_rules import (
     FEWSHOT_FAMILIES,
     FewshotRule,
     make_fewshot_split,
+    explaining_rules,
     make_rule_tasks,
     parse_rule,
     rule_of,
@@ -156,3 +157,37 @@ def test_make_rule_tasks_covers_rules_evenly_and_checks_arguments():
         make_rule_tasks(rules, 3, seed=0, prefix="x", max_side=3)
     with pytest.raises(ValueError, match="heldout_fraction"):
         split_rules(heldout_fraction=1.0)
+
+
+def _brute_force_explaining(task, rules):
+    pairs = [(i, o) for i, o in task.train + task.test if o is not None]
+    found = []
+    for rule in rules:
+        try:
+            if all(np.array_equal(rule.apply(i), o) for i, o in pairs):
+                found.append(rule)
+        except ValueError:
+            pass
+    return found
+
+
+def test_explaining_rules_is_exact():
+    """The fast search (one application per (family, s), a cheap filter first) finds exactly the rules that map
+    every pair, on tasks of every family against every rule (each task's own rule among them)."""
+    train_rules, heldout_rules = split_rules(seed=0)
+    rules = train_rules + heldout_rules
+    train, heldout = make_fewshot_split(300, 60, seed=5)
+    for task in train + heldout:
+        found = explaining_rules(task, rules)
+        assert rule_of(task) in found
+        assert found == _brute_force_explaining(task, rules), task.task_id
+
+
+def test_no_task_shows_a_rule_of_the_other_split():
+    """Across families a task can follow another rule by coincidence (``fill(1, c)`` = ``paint(1, c)`` on grids
+    without enclosed background): no training task follows a held-out rule and no held-out task a training rule."""
+    for seed in (0, 1, 2):
+        train_rules, heldout_rules = split_rules(seed=seed)
+        train, heldout = make_fewshot_split(1500, 2 * len(heldout_rules), seed=seed)
+        assert not [t.task_id for t in train if explaining_rules(t, heldout_rules)]
+        assert not [t.task_id for t in heldout if explaining_rules(t, train_rules)]

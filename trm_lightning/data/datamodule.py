@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 import lightning
@@ -25,6 +26,7 @@ from trm_lightning.data.episodes import (
     TaskShardSampler,
     query_episodes,
 )
+from trm_lightning.data.fresh_tasks import FreshTasks, FreshTaskSampler, check_no_training_rule_explains
 from trm_lightning.errors import ConfigError
 from trm_lightning.vocab import IGNORE_LABEL
 from trm_lightning.trainer_state import batches_done_this_epoch
@@ -61,6 +63,10 @@ class ARCDataModule(lightning.LightningDataModule):
             (TRM's 1000).
         translate: place training episodes at a random offset on the canvas (not the original version).
         leave_one_out_prob: probability that a training episode uses one of its demos as the query.
+        fresh_tasks: train on tasks generated on the fly from the few-shot rule families
+            (:class:`~trm_lightning.data.fresh_tasks.FreshTasks`): epoch ``e`` trains on ``episodes_per_epoch`` new
+            tasks of the split's training rules, one episode each, never repeated; ``train_source`` then serves
+            only ``val_seen``, the diagnostics probe and the puzzle-id table. None: train on ``train_source``.
         train_on_eval_demos: TRM's protocol: also train on the demo pairs of the evaluation tasks (as
             leave-one-out queries; their test outputs stay unread). Held-out scores then measure test-time
             training, not few-shot generalisation; the run prints and records that it is on. The
@@ -87,11 +93,22 @@ class ARCDataModule(lightning.LightningDataModule):
         test_augmentations: int | str = 8,
         translate: bool = False,
         leave_one_out_prob: float = 0.0,
+        fresh_tasks: FreshTasks | None = None,
         train_on_eval_demos: bool = False,
         num_workers: int = 0,
         seed: int = 0,
     ) -> None:
         super().__init__()
+        if isinstance(fresh_tasks, Mapping):  # a checkpoint's hyperparameters (stored as plain data)
+            fresh_tasks = FreshTasks(**fresh_tasks)
+        if fresh_tasks is not None:
+            fresh_tasks.check()
+            if fresh_tasks.max_side > canvas_size:
+                raise ConfigError(f"data.fresh_tasks.max_side={fresh_tasks.max_side} does not fit "
+                                  f"data.canvas_size={canvas_size}")
+            if train_on_eval_demos:
+                raise ConfigError("data.fresh_tasks and data.train_on_eval_demos exclude each other: the fresh "
+                                  "tasks replace the training episodes, evaluation demos included")
         check_at_least("data.canvas_size", canvas_size, 1)
         check_at_least("data.max_demos", max_demos, 1)
         check_at_least("data.max_train_puzzles", max_train_puzzles, 1, allow_none=True)
@@ -111,6 +128,9 @@ class ARCDataModule(lightning.LightningDataModule):
         except ValueError as err:
             raise ConfigError(f"data.test_augmentations: {err}") from None
         self.save_hyperparameters()
+        if fresh_tasks is not None:  # plain data in checkpoints (they load with weights_only=True)
+            self.hparams["fresh_tasks"] = dataclasses.asdict(fresh_tasks)
+        self.fresh_tasks = fresh_tasks
         self.train_source = train_source
         self.eval_source = eval_source
         self.canvas_size = canvas_size
@@ -252,6 +272,13 @@ class ARCDataModule(lightning.LightningDataModule):
             + (f"; first {self.max_eval_puzzles} by id" if self.max_eval_puzzles is not None else "")
             + ")"
         )
+        if self.fresh_tasks is not None:
+            rules = self.fresh_tasks.split()[0]
+            check_no_training_rule_explains(eval_usable, rules)
+            summary["fresh_tasks"] = len(rules)
+            rank_zero_info(f"train: tasks generated on the fly from {len(rules)} training rules of "
+                           f"{len(self.fresh_tasks.families)} families (data.fresh_tasks), new ones every epoch; "
+                           f"{self.train_source} serves val_seen and the probe")
         summary["train_on_eval_demos"] = self.train_on_eval_demos
         if self.train_on_eval_demos:
             demos = sum(len(t.train) for t in eval_usable)
@@ -294,6 +321,15 @@ class ARCDataModule(lightning.LightningDataModule):
             raise ConfigError(
                 f"episodes_per_epoch={episodes} is less than global_batch_size={self.global_batch_size}: "
                 "an epoch would hold no batch"
+            )
+        if self.fresh_tasks is not None:
+            stream = self.fresh_tasks.stream(episodes, self.seed)
+            dataset = EpisodeDataset(stream, self.canvas_size, self.max_demos, seed=self.seed, translate=self.translate)
+            sampler = FreshTaskSampler(dataset, stream, episodes, num_replicas=world, rank=rank, seed=self.seed,
+                                       num_augmentations=self.num_train_augmentations,
+                                       leave_one_out_prob=self.leave_one_out_prob)
+            return self._loader(
+                dataset, batch_size, EpisodeLoader, sampler=sampler, drop_last=True, progress=self._batches_done
             )
         tasks = self._puzzle_tasks()
         dataset = EpisodeDataset(

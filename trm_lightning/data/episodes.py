@@ -24,6 +24,18 @@ from trm_lightning.errors import ConfigError, DataError
 from trm_lightning.vocab import IGNORE_LABEL, PAD
 
 
+class TaskStream:
+    """Marks a task sequence made on demand (:class:`~trm_lightning.data.fewshot_rules.RuleTaskStream`): item ``g``
+    is task ``g``, a pure function of the stream's seed and ``g``, generated when indexed; ``len`` is the tasks one
+    epoch visits. An :class:`EpisodeDataset` keeps a stream as it is (a list would be materialised)."""
+
+    def __len__(self) -> int:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __getitem__(self, index: int) -> ArcTask:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
 @dataclass(frozen=True)
 class EpisodeKey:
     """Which episode to build.
@@ -79,7 +91,7 @@ class EpisodeDataset(Dataset):
     ) -> None:
         check_at_least("canvas_size", canvas_size, 1)
         check_at_least("max_demos", max_demos, 1)
-        self.tasks = list(tasks)
+        self.tasks = tasks if isinstance(tasks, TaskStream) else list(tasks)
         self.canvas_size = canvas_size
         self.max_demos = max_demos
         self.seed = seed
@@ -207,21 +219,10 @@ class EpisodeSampler(DistributedSampler):
         leave_one_out_prob: float = 0.0,
         demos_only: Sequence[bool] | None = None,
     ) -> None:
-        check_at_least("num_replicas", num_replicas, 1)
-        if episodes_per_epoch < num_replicas:
-            raise ConfigError(
-                f"episodes_per_epoch={episodes_per_epoch} is less than the number of ranks ({num_replicas})"
-            )
-        check_at_least("num_augmentations", num_augmentations, 1)
-        check_probability("leave_one_out_prob", leave_one_out_prob)
-        check_at_least("seed", seed, 0)
+        self._init_epochs(dataset, episodes_per_epoch, num_replicas, rank, seed, num_augmentations, leave_one_out_prob)
         if not tasks:
             raise ConfigError("EpisodeSampler needs at least one task")
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
         self.tasks = list(tasks)
-        self.episodes_per_epoch = episodes_per_epoch
-        self.num_augmentations = num_augmentations
-        self.leave_one_out_prob = leave_one_out_prob
         self._demos_only = [False] * len(self.tasks) if demos_only is None else [bool(d) for d in demos_only]
         if len(self._demos_only) != len(self.tasks):
             raise ConfigError(f"demos_only has {len(self._demos_only)} entries for {len(self.tasks)} tasks")
@@ -232,6 +233,27 @@ class EpisodeSampler(DistributedSampler):
             if not labelled and not only:
                 raise DataError(f"{task.source}: task '{task.task_id}' has no test pair with a known output")
         self._n_train = np.array([len(task.train) for task in self.tasks])
+
+    def _init_epochs(
+        self, dataset: Dataset, episodes_per_epoch: int, num_replicas: int, rank: int, seed: int,
+        num_augmentations: int, leave_one_out_prob: float,
+    ) -> None:
+        """What every epoch-keyed sampler holds: the checked arguments, DistributedSampler's state and the resume
+        offset (shared with :class:`~trm_lightning.data.fresh_tasks.FreshTaskSampler`)."""
+        check_at_least("num_replicas", num_replicas, 1)
+        if episodes_per_epoch < num_replicas:
+            raise ConfigError(
+                f"episodes_per_epoch={episodes_per_epoch} is less than the number of ranks ({num_replicas})"
+            )
+        check_at_least("num_augmentations", num_augmentations, 1)
+        check_probability("leave_one_out_prob", leave_one_out_prob)
+        check_at_least("seed", seed, 0)
+        DistributedSampler.__init__(
+            self, dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True
+        )
+        self.episodes_per_epoch = episodes_per_epoch
+        self.num_augmentations = num_augmentations
+        self.leave_one_out_prob = leave_one_out_prob
         # what DistributedSampler's other methods read
         self.num_samples = episodes_per_epoch // num_replicas
         self.total_size = self.num_samples * num_replicas

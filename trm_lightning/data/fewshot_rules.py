@@ -9,6 +9,7 @@ import numpy as np
 
 from trm_lightning.data.arc import ArcTask, readonly_grid
 from trm_lightning.data.augment import dihedral
+from trm_lightning.data.episodes import TaskStream
 
 # Every rule is ``family(s, c)``: a structural operation chosen by ``s`` (a transform, a direction, a mode)
 # whose result is drawn in colour ``c``. Within a family every task draws its inputs from the same
@@ -406,6 +407,10 @@ def _visible_pair(
     raise RuntimeError(f"{rule.name}: no input in {tries} draws that the rule changes (grid sides {min_side}..{max_side})")
 
 
+TASK_STREAM = 0x7A5C  # the random stream of make_rule_tasks (the pinned training and held-out tasks)
+NEW_TASK_STREAM = 0x7A5D  # new tasks of already-split rules (the benchmark's unseen tasks of the training rules)
+
+
 def make_rule_tasks(
     rules: Sequence[FewshotRule],
     n_tasks: int,
@@ -415,12 +420,18 @@ def make_rule_tasks(
     n_test: int = 1,
     min_side: int = 3,
     max_side: int = 6,
+    stream: int = TASK_STREAM,
+    avoid: Sequence[FewshotRule] = (),
 ) -> list[ArcTask]:
     """``n_tasks`` tasks over ``rules``: every rule once (in a seeded order) before any rule twice.
 
     Each task has ``n_demos`` demo pairs and ``n_test`` test pairs, inputs drawn fresh from its family's
     distribution and kept only when the rule changes them (an unchanged pair would show nothing); ids ``f"{prefix}{i:04d}"``; ``source`` is ``fewshot:<rule name>`` (see :func:`rule_of`).
     Grids are at most ``max_side`` on a side (``tile`` inputs at most half that, so outputs are too).
+    ``stream`` names the random stream next to ``seed``: another stream gives other tasks of the same rules (the
+    benchmark's new tasks of the training rules use :data:`NEW_TASK_STREAM`). A task that a rule of ``avoid``
+    also explains (every pair, :func:`explaining_rules`) is drawn again: the other split's rules, so that no task
+    shows a rule of the other split at work.
     """
     if not rules:
         raise ValueError("make_rule_tasks needs at least one rule")
@@ -428,15 +439,26 @@ def make_rule_tasks(
         raise ValueError(f"need 1 <= min_side <= max_side <= 30 and max_side >= 4, got {min_side}, {max_side}")
     if n_demos < 1 or n_test < 1:
         raise ValueError(f"need n_demos >= 1 and n_test >= 1, got {n_demos}, {n_test}")
-    rng = np.random.default_rng([seed, 0x7A5C])
+    rng = np.random.default_rng([seed, stream])
     rounds = -(-n_tasks // len(rules))
     order = np.concatenate([rng.permutation(len(rules)) for _ in range(rounds)])[:n_tasks]
     tasks = []
     for i, r in enumerate(order.tolist()):
-        rule = rules[r]
-        pairs = [_visible_pair(rule, rng, min_side, max_side) for _ in range(n_demos + n_test)]
-        tasks.append(ArcTask(f"{prefix}{i:04d}", tuple(pairs[:n_demos]), tuple(pairs[n_demos:]), f"fewshot:{rule.name}"))
+        tasks.append(_draw_task(rules[r], rng, f"{prefix}{i:04d}", n_demos, n_test, min_side, max_side, avoid))
     return tasks
+
+
+def _draw_task(
+    rule: FewshotRule, rng: np.random.Generator, task_id: str, n_demos: int, n_test: int, min_side: int,
+    max_side: int, avoid: Sequence[FewshotRule], tries: int = 100,
+) -> ArcTask:
+    """A task of ``rule`` (pairs that show it at work) that no rule of ``avoid`` explains."""
+    for _ in range(tries):
+        pairs = [_visible_pair(rule, rng, min_side, max_side) for _ in range(n_demos + n_test)]
+        task = ArcTask(task_id, tuple(pairs[:n_demos]), tuple(pairs[n_demos:]), f"fewshot:{rule.name}")
+        if not avoid or not explaining_rules(task, avoid):
+            return task
+    raise RuntimeError(f"{rule.name}: every one of {tries} tasks is explained by a rule to avoid")
 
 
 def make_fewshot_split(
@@ -455,12 +477,136 @@ def make_fewshot_split(
     :func:`split_rules`; ids ``fs_train_NNNN`` and ``fs_heldout_NNNN``; deterministic given the arguments.
 
     A held-out task's input distribution is its family's, the same as the training tasks of that family, and
-    held-out rules of one family map the same input to different outputs: only the demos say what to do.
+    held-out rules of one family map the same input to different outputs: only the demos say what to do. No
+    training task is explained by a held-out rule, and no held-out task by a training rule (such coincidences
+    exist across families, e.g. ``fill(1, c)`` and ``paint(1, c)`` on grids without enclosed background: they are
+    drawn again), so a held-out rule is never shown in training, not even by accident.
     """
     train_rules, heldout_rules = split_rules(families, heldout_fraction, seed)
     if not heldout_rules:
         raise ValueError(f"heldout_fraction={heldout_fraction} holds out no rule of {list(families)}")
     common = dict(n_demos=n_demos, n_test=n_test, min_side=min_side, max_side=max_side)
-    train = make_rule_tasks(train_rules, n_train_tasks, seed=seed * 2 + 0, prefix="fs_train_", **common)
-    heldout = make_rule_tasks(heldout_rules, n_heldout_tasks, seed=seed * 2 + 1, prefix="fs_heldout_", **common)
+    train = make_rule_tasks(train_rules, n_train_tasks, seed=seed * 2 + 0, prefix="fs_train_", avoid=heldout_rules,
+                            **common)
+    heldout = make_rule_tasks(heldout_rules, n_heldout_tasks, seed=seed * 2 + 1, prefix="fs_heldout_",
+                              avoid=train_rules, **common)
     return train, heldout
+
+
+# ---------------------------------------------------------------------------------------- tasks on the fly
+FRESH_TASK_STREAM = 0x7A5E  # the random stream of RuleTaskStream's grids
+FRESH_ORDER_STREAM = 0x7A5F  # ... and of its rule order
+
+
+class RuleTaskStream(TaskStream):
+    """Tasks generated on demand from ``rules``: ``stream[g]`` is task ``g``, a pure function of ``(seed, g)``, made
+    when it is asked for and never stored. Any number of distinct tasks, so training can see each task once.
+
+    Rules come in blocks of ``len(rules)`` indices, each block a seeded permutation of the rules (every rule once
+    per block, as :func:`make_rule_tasks` does); the pairs of task ``g`` come from their own random stream. Every
+    task has ``n_demos`` demos and ``n_test`` test pairs whose output differs from the input, and no rule of ``avoid``
+    (the held-out rules) explains it. Ids are
+    ``f"{prefix}{g:09d}"`` and ``source`` is ``fewshot:<rule name>`` (see :func:`rule_of`).
+
+    ``len(stream)`` is ``tasks_per_epoch``, the tasks one epoch visits (``stream[g]`` is defined for every ``g >= 0``:
+    epoch ``e`` visits ``e * tasks_per_epoch`` up to the next epoch's first task).
+    """
+
+    def __init__(
+        self,
+        rules: Sequence[FewshotRule],
+        tasks_per_epoch: int,
+        seed: int = 0,
+        n_demos: int = 3,
+        n_test: int = 1,
+        min_side: int = 3,
+        max_side: int = 6,
+        prefix: str = "gen_",
+        avoid: Sequence[FewshotRule] = (),
+    ) -> None:
+        if not rules:
+            raise ValueError("RuleTaskStream needs at least one rule")
+        if tasks_per_epoch < 1 or n_demos < 1 or n_test < 1:
+            raise ValueError(f"need tasks_per_epoch, n_demos, n_test >= 1, got {tasks_per_epoch}, {n_demos}, {n_test}")
+        if not 1 <= min_side <= max_side <= 30 or max_side < 4:
+            raise ValueError(f"need 1 <= min_side <= max_side <= 30 and max_side >= 4, got {min_side}, {max_side}")
+        self.rules = tuple(rules)
+        self.tasks_per_epoch = tasks_per_epoch
+        self.seed = seed
+        self.n_demos = n_demos
+        self.n_test = n_test
+        self.min_side = min_side
+        self.max_side = max_side
+        self.prefix = prefix
+        self.avoid = tuple(avoid)
+        self._block: tuple[int, np.ndarray] | None = None  # the last block's rule order
+
+    def __len__(self) -> int:
+        return self.tasks_per_epoch
+
+    def rule(self, index: int) -> FewshotRule:
+        """The rule of task ``index``."""
+        block, within = divmod(int(index), len(self.rules))
+        if self._block is None or self._block[0] != block:
+            self._block = (block, np.random.default_rng([self.seed, block, FRESH_ORDER_STREAM]).permutation(len(self.rules)))
+        return self.rules[int(self._block[1][within])]
+
+    def __getitem__(self, index: int) -> ArcTask:
+        index = int(index)
+        if index < 0:
+            raise IndexError(f"a task stream has no task {index}")
+        rule = self.rule(index)
+        rng = np.random.default_rng([self.seed, index, FRESH_TASK_STREAM])
+        return _draw_task(rule, rng, f"{self.prefix}{index:09d}", self.n_demos, self.n_test, self.min_side,
+                          self.max_side, self.avoid)
+
+
+def explaining_rules(task: ArcTask, rules: Sequence[FewshotRule]) -> list[FewshotRule]:
+    """The rules among ``rules`` that map every input of ``task`` with a known output (demos and tests) to that
+    output. A task of one split that a rule of the other split explains would leak that rule across the split (or
+    test a rule training already showed), so :func:`make_rule_tasks` and :class:`RuleTaskStream` redraw such tasks.
+
+    Fast: the colour ``c`` of a rule only paints the cells its operation ``s`` chose, so each (family, s) is applied
+    once per grid, painting a sentinel colour, and the sentinel is replaced by each candidate's ``c``.
+    """
+    candidates = list(rules)
+    for inp, out in (*task.train, *task.test):
+        if out is None:
+            continue
+        painted: dict[tuple[str, int], np.ndarray | None] = {}
+        survivors = []
+        for rule in _could_explain(candidates, inp, out):
+            op = (rule.family, rule.s)
+            if op not in painted:
+                try:
+                    painted[op] = np.asarray(_APPLY[rule.family](np.asarray(inp, dtype=np.uint8), rule.s, _SENTINEL))
+                except ValueError:  # a grid outside the rule's family (e.g. no object for `size`)
+                    painted[op] = None
+            grid = painted[op]
+            if grid is not None and grid.shape == out.shape and np.array_equal(
+                    np.where(grid == _SENTINEL, rule.c, grid), out):
+                survivors.append(rule)
+        candidates = survivors
+        if not candidates:
+            break
+    return candidates
+
+
+def _could_explain(rules: list[FewshotRule], inp: np.ndarray, out: np.ndarray) -> list[FewshotRule]:
+    """The rules that pass a necessary test for ``inp -> out`` (a cheap filter before applying them): only ``tile``
+    and ``dihedral`` (a transpose) change a grid's shape, and every other rule writes its colour ``c`` (or,
+    ``dihedral`` and ``gravity``, the background) into the cells it changes."""
+    if out.shape != inp.shape:
+        return [r for r in rules if r.family in ("tile", "dihedral")]
+    changed = out[out != inp]
+    if changed.size == 0:
+        return [r for r in rules if r.family != "tile"]
+    colours = np.unique(changed[changed != 0])
+    if colours.size > 1:
+        return []
+    if colours.size == 1:
+        return [r for r in rules if r.family != "tile" and r.c == int(colours[0])]
+    return [r for r in rules if r.family in ("dihedral", "gravity")]  # cells only cleared: a shape moved
+
+
+_SENTINEL = NUM_DRAWING_COLOURS + 1  # not a grid colour: marks the cells a rule paints in its colour c
