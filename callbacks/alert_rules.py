@@ -289,35 +289,56 @@ class ProbeDrift(AlertRule):
 
 
 class CumulativeDrift(AlertRule):
-    """The probe tasks' encodings moved far from where they were ``drift_window`` probe checks ago, however slowly:
-    the seed's "distribution shift, not collapse", which one-check drift cannot see.
+    """The probe tasks' encodings moved far from where they were ``drift_window`` probe checks ago, however slowly,
+    **and the move hurts**: the TRM reads the stale context of ``stale_lag`` checks ago better than today's (the
+    seed's "distribution shift, not collapse", which one-check drift cannot see).
+
+    A learning encoder drifts far too: in the stable run of docs/diagnostics.md the window drift climbs past 0.3
+    by step 200 and keeps climbing while accuracy rises, so the drift alone fired in every run. When the
+    keeping-up loss is logged (``EncoderDiagnostics(keeping_up=True)``, the default), the rule also asks
+    ``diagnostics/probe_stale_context_gap`` (stale minus today's loss) to be below ``max_stale_context_gap``;
+    without it (or with that argument null) the drift alone decides.
 
     Args:
         max_window_drift_cosine: fires above this ``diagnostics/probe_window_drift_cosine``.
+        max_stale_context_gap: ... while the stale-context gap is below this (negative: the old context serves
+            the TRM better than today's); null: the drift alone.
         patience: consecutive probe checks before it fires.
         action: warn, stop or raise.
     """
 
     name = "cumulative_drift"
-    keys = (names.PROBE_WINDOW_DRIFT_COSINE,)
+    keys = (names.PROBE_WINDOW_DRIFT_COSINE, names.PROBE_STALE_CONTEXT_GAP)
 
-    def __init__(self, max_window_drift_cosine: float = 0.3, patience: int = 1, action: Action = "warn") -> None:
+    def __init__(self, max_window_drift_cosine: float = 0.3, max_stale_context_gap: float | None = -0.05,
+                 patience: int = 1, action: Action = "warn") -> None:
         super().__init__(patience, action)
         check_range(f"{type(self).__name__}.max_window_drift_cosine", max_window_drift_cosine, 0.0, 2.0)
+        check_range(f"{type(self).__name__}.max_stale_context_gap", max_stale_context_gap, -10.0, 10.0,
+                    allow_none=True)
         self.max_window_drift_cosine = max_window_drift_cosine
+        self.max_stale_context_gap = max_stale_context_gap
 
     def thresholds(self):
-        return {"max_window_drift_cosine": self.max_window_drift_cosine}
+        return {"max_window_drift_cosine": self.max_window_drift_cosine,
+                "max_stale_context_gap": self.max_stale_context_gap}
 
     def limits(self):
-        return {self.keys[0]: self.max_window_drift_cosine}
+        lines = {self.keys[0]: self.max_window_drift_cosine, self.keys[1]: self.max_stale_context_gap}
+        return {k: v for k, v in lines.items() if v is not None}
+
+    def _hurts(self, values) -> bool:
+        return self.max_stale_context_gap is None or self.keys[1] not in values or \
+            values[self.keys[1]] < self.max_stale_context_gap
 
     def condition(self, values) -> bool:
-        return values[self.keys[0]] > self.max_window_drift_cosine
+        return _over(values, self.keys[0], self.max_window_drift_cosine) and self._hurts(values)
 
     def describe(self, values) -> str:
-        return (f"probe_window_drift_cosine={values[self.keys[0]]:.4g} > {self.max_window_drift_cosine} (the probe "
-                "tasks' encodings drifted away from where the TRM learned them)")
+        gap = (f" and probe_stale_context_gap={values[self.keys[1]]:.4g} < {self.max_stale_context_gap}"
+               if self.max_stale_context_gap is not None and self.keys[1] in values else "")
+        return (f"probe_window_drift_cosine={values[self.keys[0]]:.4g} > {self.max_window_drift_cosine}{gap} (the "
+                "probe tasks' encodings drifted away from where the TRM learned them, and the TRM reads the old ones better)")
 
 
 class OutputMeanShift(AlertRule):

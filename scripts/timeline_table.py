@@ -4,7 +4,8 @@
 
 For each run: the range (min / median / max, from step ``--after`` on) of the diagnostics the alert rules read,
 the training accuracy's peak and the first step it fell below half of it (after reaching ``--min-peak``), and the
-first step of each alert rule that fired, with how many steps it came before that fall.
+first step of each alert rule that fired, with how many steps it came before that fall: as the run recorded them
+(``alerts.jsonl``) and replayed with today's default rules over the logged scalars ("replayed alert").
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from callbacks.alert_rules import default_rules  # noqa: E402
 from trm_lightning import metric_names as names  # noqa: E402
 from trm_lightning.report.runs import read_alerts, read_scalars  # noqa: E402
 from trm_lightning.report.summary import measured_train_accuracy  # noqa: E402
@@ -58,12 +60,42 @@ def fall_step(accuracy: list[tuple[int, float]], min_peak: float, fraction: floa
     return peak, peak_step, None
 
 
+def replay(scalars, every: int, warmup: int) -> dict[str, int]:
+    """The first step each of today's default rules (``callbacks.alert_rules.default_rules``) fires at, replayed
+    over the logged scalars of every ``every``-th step as CollapseAlert checks them (rules not checked during
+    warmup skip the steps before ``warmup``): the alerts the shipped defaults give on an old run."""
+    by_step: dict[int, dict[str, float]] = {}
+    for tag, points in scalars.items():
+        for step, value in points:
+            if step % every == 0:
+                by_step.setdefault(step, {})[tag] = value
+    first: dict[str, int] = {}
+    rules = default_rules()
+    for step in sorted(by_step):
+        for rule in rules:
+            if rule.checked_during_warmup or step >= warmup:
+                alert = rule.update(by_step[step], step)
+                if alert is not None:
+                    first.setdefault(alert.rule, step)
+    return first
+
+
+def _print_first(label: str, first: dict[str, int], fell: int | None) -> None:
+    for rule, step in sorted(first.items(), key=lambda kv: kv[1]):
+        lead = "" if fell is None else f" ({fell - step:+d} steps before the fall)"
+        print(f"first {label} {rule} @ {step}{lead}")
+    if not first:
+        print(f"no {label}")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="+")
     p.add_argument("--after", type=int, default=500, help="ranges from this step on (after the early transient)")
     p.add_argument("--min-peak", type=float, default=0.2)
     p.add_argument("--fraction", type=float, default=0.5, help="accuracy fell: below this fraction of its peak")
+    p.add_argument("--check-every", type=int, default=50, help="replay: CollapseAlert's check_every_n_steps")
+    p.add_argument("--warmup", type=int, default=50, help="replay: CollapseAlert's warmup_steps")
     args = p.parse_args(argv)
     for run in args.runs:
         run_dir = Path(run)
@@ -86,11 +118,8 @@ def main(argv: list[str] | None = None) -> None:
         first: dict[str, int] = {}
         for alert in read_alerts(run_dir):
             first.setdefault(alert["rule"], int(alert["step"]))
-        for rule, step in sorted(first.items(), key=lambda kv: kv[1]):
-            lead = "" if fell is None else f" ({fell - step:+d} steps before the fall)"
-            print(f"first alert {rule} @ {step}{lead}")
-        if not first:
-            print("no alert")
+        _print_first("alert", first, fell)  # what the run recorded (alerts.jsonl)
+        _print_first("replayed alert", replay(scalars, args.check_every, args.warmup), fell)  # today's defaults
         print()
 
 

@@ -270,7 +270,7 @@ def test_default_rules_keep_the_documented_thresholds():
                                      "max_probe_retrieval": 0.5}
     assert drift.thresholds() == {"max_probe_drift_cosine": 0.2, "max_probe_drift_rel_l2": None, "jump_ratio": 3.0}
     assert drift.history == 5
-    assert cumulative.thresholds() == {"max_window_drift_cosine": 0.3}
+    assert cumulative.thresholds() == {"max_window_drift_cosine": 0.3, "max_stale_context_gap": -0.05}
     assert mean.thresholds() == {"max_mean_fraction": 0.5}
     assert (accuracy.drop, accuracy.min_peak, accuracy.keys) == (0.5, 0.2, ("train/accuracy",))
     assert (q_halt.min_rise, q_halt.keys) == (0.0, ("train/q_halt_loss",))

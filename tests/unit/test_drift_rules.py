@@ -82,3 +82,19 @@ def test_a_collapsed_encoder_still_fires_representation_collapse():
     pattern = torch.linspace(-1, 1, D).expand(2 * N, P, D).clone()
     fired = _fired(lambda c: pattern + 1e-4 * torch.randn(pattern.shape, generator=torch.Generator().manual_seed(c)), 6)
     assert ("representation_collapse" in {rule for _, rule in fired}), fired
+
+
+def test_cumulative_drift_fires_only_when_the_drift_hurts_the_trm():
+    """With the keeping-up loss logged, a far drift fires only while the TRM reads the stale context better (gap
+    below -0.05): the stable run's drift (0.27 -> 0.7 while accuracy rose, gap about 0) stays quiet."""
+    from callbacks.alert_rules import CumulativeDrift
+
+    def fires(drift: float, gap: float | None, **kwargs) -> bool:
+        values = {"diagnostics/probe_window_drift_cosine": drift}
+        if gap is not None:
+            values["diagnostics/probe_stale_context_gap"] = gap
+        return CumulativeDrift(**kwargs).update(values, 0) is not None
+
+    assert fires(0.7, -0.07) and fires(0.7, None)  # hurts; no keeping-up loss: the drift alone decides
+    assert not fires(0.7, 0.0) and not fires(0.7, -0.03) and not fires(0.2, -0.5)
+    assert fires(0.7, 0.0, max_stale_context_gap=None)  # the drift alone, by choice
