@@ -256,7 +256,7 @@ def test_default_rules_keep_the_documented_thresholds():
         ("NonFinite", "nonfinite", 1, "stop"),
         ("RepresentationCollapse", "representation_collapse", 3, "warn"),
         ("ProbeDrift", "drift", 1, "warn"),
-        ("CumulativeDrift", "cumulative_drift", 1, "warn"),
+        ("CumulativeDrift", "cumulative_drift", 2, "warn"),
         ("OutputMeanShift", "output_mean_shift", 3, "warn"),
         ("AccuracyCollapse", "accuracy_collapse", 3, "warn"),
         ("QHaltRising", "q_halt_rising", 8, "warn"),

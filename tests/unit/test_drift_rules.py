@@ -49,7 +49,7 @@ def _fired(sequence, checks: int) -> list[tuple[int, str]]:
 
 def test_a_slow_rotation_fires_cumulative_drift_and_nothing_else():
     base = _base()
-    for degrees, within in ((2.0, 23), (1.0, 46)):  # 1 - cos(k x degrees) passes 0.3 at k = 23 and 46
+    for degrees, within in ((2.0, 24), (1.0, 47)):  # 1 - cos(k x degrees) passes 0.3 at k = 23 and 46; patience 2
         fired = _fired(lambda c: _rotate(base, degrees * c), 100)
         assert fired and fired[0][1] == "cumulative_drift" and fired[0][0] <= within, fired
         assert {rule for _, rule in fired} == {"cumulative_drift"}, fired  # no jump, no collapse
@@ -60,7 +60,7 @@ def test_a_slow_mean_offset_fires_cumulative_drift_not_collapse():
     offset = torch.randn(P, D, generator=torch.Generator().manual_seed(5)) * 0.15  # +15% of an RMS per check
     fired = _fired(lambda c: base + c * offset, 100)
     rules = {rule for _, rule in fired}
-    assert fired and fired[0][1] == "cumulative_drift" and fired[0][0] <= 10, fired
+    assert fired and fired[0][1] == "cumulative_drift" and fired[0][0] <= 11, fired
     assert "representation_collapse" not in rules  # every task is still told apart: a shift, not a collapse
     assert "drift" not in rules  # no single check jumps
 
@@ -93,7 +93,8 @@ def test_cumulative_drift_fires_only_when_the_drift_hurts_the_trm():
         values = {"diagnostics/probe_window_drift_cosine": drift}
         if gap is not None:
             values["diagnostics/probe_stale_context_gap"] = gap
-        return CumulativeDrift(**kwargs).update(values, 0) is not None
+        rule = CumulativeDrift(**kwargs)
+        return [rule.update(values, check) is not None for check in range(2)] == [False, True]  # patience 2
 
     assert fires(0.7, -0.07) and fires(0.7, None)  # hurts; no keeping-up loss: the drift alone decides
     assert not fires(0.7, 0.0) and not fires(0.7, -0.03) and not fires(0.2, -0.5)
