@@ -47,7 +47,8 @@ TRM_PROTOCOL = "puzzle_emb_trm_protocol"  # the run name of the TRM-protocol bas
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--run", default=str(ROOT / "runs" / "fewshot"), help="bench_fewshot.py's --out directory")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS,
+                   help="adaptation methods to measure (none: only the unadapted score and the TRM-protocol line)")
     p.add_argument("--context-steps", type=int, default=32)
     p.add_argument("--context-lr", type=float, default=1e-2)
     p.add_argument("--finetune-steps", type=int, default=32)
