@@ -5,6 +5,7 @@ their order in ``trainer.callbacks``.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Mapping
 
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -31,7 +32,7 @@ def tensorboard_writers(trainer: Trainer) -> list:
     return [lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
 
 
-class MetricProducer(Callback):
+class MetricProducer(Callback, ABC):
     """A callback that computes metrics in ``on_train_batch_end`` and publishes each with the step it belongs to.
 
     A consumer (:class:`callbacks.CollapseAlert`) that needs this step's values calls :meth:`produce` itself
@@ -67,8 +68,9 @@ class MetricProducer(Callback):
         if self._produce(trainer, pl_module, outputs):
             self._produced_step = step
 
+    @abstractmethod
     def _produce(self, trainer: Trainer, pl_module: LightningModule, outputs) -> bool:
-        raise NotImplementedError
+        """Compute and publish this step's values; True once they are published."""
 
     def publish(self, pl_module: LightningModule, step: int, values: Mapping[str, Tensor]) -> None:
         """Log ``values`` (step-level scalars) and remember them as this step's."""

@@ -9,6 +9,7 @@ keys an epoch visits (deterministically from ``(seed, epoch)``, split across ran
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -24,16 +25,18 @@ from trm_lightning.errors import ConfigError, DataError
 from trm_lightning.vocab import IGNORE_LABEL, PAD
 
 
-class TaskStream:
+class TaskStream(ABC):
     """Marks a task sequence made on demand (:class:`~trm_lightning.data.fewshot_rules.RuleTaskStream`): item ``g``
     is task ``g``, a pure function of the stream's seed and ``g``, generated when indexed; ``len`` is the tasks one
     epoch visits. An :class:`EpisodeDataset` keeps a stream as it is (a list would be materialised)."""
 
-    def __len__(self) -> int:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def __len__(self) -> int:
+        """The tasks one epoch visits."""
 
-    def __getitem__(self, index: int) -> ArcTask:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def __getitem__(self, index: int) -> ArcTask:
+        """Task ``index``, generated now."""
 
 
 @dataclass(frozen=True)

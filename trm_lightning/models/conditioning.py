@@ -20,6 +20,7 @@ proportional to the rows touched per step, never to the table.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import ClassVar
@@ -55,7 +56,7 @@ class ConditionerShape:
     compile: bool = False
 
 
-class Conditioner(nn.Module):
+class Conditioner(nn.Module, ABC):
     """Base of everything that fills the TRM prefix: ``forward(batch) -> (B, prefix_len, D)``.
 
     Class attributes a subclass may set:
@@ -68,8 +69,9 @@ class Conditioner(nn.Module):
     reads_demos: ClassVar[bool] = True
     runtime_options: ClassVar[tuple[str, ...]] = ()
 
-    def forward(self, batch: Mapping[str, Tensor]) -> Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def forward(self, batch: Mapping[str, Tensor]) -> Tensor:
+        """The (B, P, D) context of the batch's rows."""
 
 
 # What ``model.conditioner`` holds: a conditioner class (or a class with some of its knobs bound) that the
