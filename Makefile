@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 CONFIG ?= configs/demo.yaml
 RUNS   ?= runs
 
-.PHONY: install test test-full demo overfit bench bench-fewshot bench-tta print-config tensorboard report clean
+.PHONY: install test test-full demo overfit bench bench-fewshot sweep-fewshot bench-tta print-config tensorboard report clean
 
 install: $(STAMP)
 
@@ -39,6 +39,9 @@ bench: install  ## speed: train step + encoder overhead, eval rollout, data load
 
 bench-fewshot: install  ## held-out rules on the CPU: encoder-TRM (real vs shuffled context) and the puzzle-id baseline
 	$(BIN)/python benchmarks/bench_fewshot.py
+
+sweep-fewshot: install  ## the seed's experiment table on the held-out-rule benchmark: one fit per row (~70 min), then trm report
+	$(BIN)/python benchmarks/sweep_fewshot.py
 
 bench-tta: install  ## test-time adaptation on the held-out rules: the model `make bench-fewshot` trained, each method, gains with CIs
 	$(BIN)/python benchmarks/bench_tta.py --run runs/fewshot --train-trm-protocol

@@ -76,7 +76,7 @@ from trm_lightning.data.fewshot_rules import (  # noqa: E402
 from trm_lightning.data.task_json import write_task_dir  # noqa: E402
 from trm_lightning.losses import row_accuracy  # noqa: E402
 from trm_lightning.module import TRMLitModule  # noqa: E402
-from trm_lightning.run_files import LAST_CHECKPOINT, checkpoint_dir  # noqa: E402
+from trm_lightning.run_files import FEWSHOT_EVAL_FILE, LAST_CHECKPOINT, checkpoint_dir  # noqa: E402
 
 CONFIG = ROOT / "configs" / "fewshot_cpu.yaml"
 CONDITIONERS = {"encoder": "StandardDemoEncoder", "puzzle_emb": "PuzzleEmbedding"}  # run label -> model.conditioner
@@ -160,9 +160,13 @@ def query_batch(tasks: list[ArcTask], dm: ARCDataModule) -> dict[str, torch.Tens
 
 
 # ------------------------------------------------------------------------------------------------- training
-def fit_command(args: argparse.Namespace, data: Path, conditioning: str, steps: int | None) -> list[str]:
-    """``python -m trm_lightning fit ...`` (the ``trm fit`` CLI) for one of the two models."""
-    extra = args.encoder_config if conditioning == "encoder" else []
+def fit_command(args: argparse.Namespace, data: Path, conditioning: str, steps: int | None, name: str | None = None,
+                version: str = RUN_VERSION, extra: list[str] | None = None) -> list[str]:
+    """``python -m trm_lightning fit ...`` (the ``trm fit`` CLI) for one of the two models; the run lands in
+    ``<args.out>/<name>/<version>`` (``name`` defaults to ``conditioning``); ``extra`` YAMLs go after ``--config``
+    (default: ``--encoder-config`` for the encoder fit)."""
+    if extra is None:
+        extra = args.encoder_config if conditioning == "encoder" else []
     fresh = ["--data.fresh_tasks=null"]  # the baseline (a puzzle id needs a task that repeats), or --no-fresh-tasks
     if conditioning == "encoder" and args.fresh_tasks:  # the same split as the written held-out tasks
         fresh = [f"--data.fresh_tasks.families=[{','.join(args.families)}]",
@@ -178,8 +182,8 @@ def fit_command(args: argparse.Namespace, data: Path, conditioning: str, steps: 
         f"--data.eval_source={data / 'heldout'}",
         f"--seed_everything={args.seed}",
         f"--trainer.logger.init_args.save_dir={args.out}",
-        f"--trainer.logger.init_args.name={conditioning}",
-        f"--trainer.logger.init_args.version={RUN_VERSION}",
+        f"--trainer.logger.init_args.name={name or conditioning}",
+        f"--trainer.logger.init_args.version={version}",
         *([] if steps is None else [f"--trainer.max_steps={steps}"]),
         *fresh,
         *args.overrides,
@@ -287,6 +291,46 @@ def shuffled_context(model, batch: dict[str, torch.Tensor], rule_ids: torch.Tens
     return score(net, batch, own[perm], chunk)
 
 
+def task_batches(tasks: FewshotTasks, dm: ARCDataModule) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The held-out queries and the new tasks' queries as batches on ``dm``'s canvas (every held-out task kept)."""
+    if len(dm.eval_tasks) != len(tasks.heldout):
+        raise RuntimeError(f"the datamodule kept {len(dm.eval_tasks)}/{len(tasks.heldout)} held-out tasks "
+                           "(canvas too small?)")
+    return query_batch(tasks.heldout, dm), query_batch(tasks.new, dm)
+
+
+def evaluate_encoder(model, tasks: FewshotTasks, held_batch: dict, new_batch: dict) -> dict[str, Score]:
+    """``heldout``, ``shuffled_context`` (held-out queries, another rule's context) and ``train`` (new tasks of the
+    training rules) of an encoder-TRM."""
+    names = rule_names(held_batch, tasks.heldout, tasks.rule_by_id)
+    return {"heldout": score(model, held_batch),
+            "shuffled_context": shuffled_context(model, held_batch, rule_index(names)),
+            "train": score(model, new_batch)}
+
+
+def evaluate_baseline(model, held_batch: dict, new_batch: dict) -> dict[str, Score]:
+    """``puzzle_emb_baseline`` (held-out queries, blank id) and ``baseline_new`` of the puzzle-id model."""
+    if bool(held_batch["puzzle_id"].any()):
+        raise RuntimeError("held-out queries must carry the blank puzzle id")
+    return {"puzzle_emb_baseline": score(model, held_batch), "baseline_new": score(model, new_batch)}
+
+
+def write_fewshot_eval(run_dir: Path, scores: dict[str, Score], tasks: FewshotTasks, **extra) -> Path:
+    """``<run_dir>/fewshot_eval.json`` (:data:`~trm_lightning.run_files.FEWSHOT_EVAL_FILE`): per score its exact
+    count, queries and mean cell accuracy, and the task split; ``trm report`` reads it."""
+    record = {
+        "benchmark": "fewshot held-out rules (benchmarks/bench_fewshot.py)",
+        "families": sorted({r.family for r in tasks.train_rules + tasks.heldout_rules}),
+        "train_rules": len(tasks.train_rules), "heldout_rules": len(tasks.heldout_rules),
+        "scores": {name: {"solved": sc.count(), "n": sc.n, "cell_accuracy": float(sc.cell.mean()) if sc.n else None}
+                   for name, sc in scores.items()},
+        **extra,
+    }
+    path = Path(run_dir) / FEWSHOT_EVAL_FILE
+    path.write_text(json.dumps(record, indent=1) + "\n")
+    return path
+
+
 def rule_names(batch: dict[str, torch.Tensor], tasks: list[ArcTask], rule_by_id: dict[str, str]) -> list[str]:
     """The rule name of every row of a :func:`query_batch` of ``tasks``."""
     return [rule_by_id[tasks[int(t)].task_id] for t in batch["task_index"]]
@@ -375,22 +419,14 @@ def main(argv: list[str] | None = None) -> tuple[bool, str]:
     models = {name: load_run(run_dir) for name, (run_dir, _) in fits.items()}
     held_batch = new_batch = None
     for name, (model, dm) in models.items():
-        if len(dm.eval_tasks) != len(tasks.heldout):
-            raise RuntimeError(f"the datamodule kept {len(dm.eval_tasks)}/{len(tasks.heldout)} held-out tasks "
-                               "(canvas too small?)")
-        held_batch = query_batch(tasks.heldout, dm)
-        new_batch = query_batch(tasks.new, dm)
+        held_batch, new_batch = task_batches(tasks, dm)
         if name == "encoder":
-            names = rule_names(held_batch, tasks.heldout, tasks.rule_by_id)
-            scores["heldout"] = score(model, held_batch)
-            scores["shuffled_context"] = shuffled_context(model, held_batch, rule_index(names))
-            scores["train"] = score(model, new_batch)
+            scores.update(evaluate_encoder(model, tasks, held_batch, new_batch))
         else:
-            if bool(held_batch["puzzle_id"].any()):
-                raise RuntimeError("held-out queries must carry the blank puzzle id")
-            scores["puzzle_emb_baseline"] = score(model, held_batch)
-            scores["baseline_new"] = score(model, new_batch)
+            scores.update(evaluate_baseline(model, held_batch, new_batch))
     eval_s = time.perf_counter() - start
+    if "encoder" in fits:
+        write_fewshot_eval(fits["encoder"][0], scores, tasks, fit_seconds=fits["encoder"][1])
 
     # ---- report
     if held_batch is not None:

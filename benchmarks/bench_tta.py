@@ -38,7 +38,7 @@ if str(ROOT) not in sys.path:  # run as `python benchmarks/bench_tta.py` from an
 
 from benchmarks.bench_fewshot import CONFIG, RUN_VERSION, load_run, score  # noqa: E402
 from trm_lightning.adaptation import METHODS, PARAMETER_SETS, AdaptationConfig, Finetuner, adapt_contexts  # noqa: E402
-from trm_lightning.evaluation import PassAtK  # noqa: E402
+from trm_lightning.stats import wilson_interval  # noqa: E402
 from trm_lightning.run_files import CHECKPOINT_DIR, LAST_CHECKPOINT  # noqa: E402
 
 TRM_PROTOCOL = "puzzle_emb_trm_protocol"  # the run name of the TRM-protocol baseline under --run
@@ -87,8 +87,8 @@ class Gain:
 
 
 def wilson(k: int, n: int) -> str:
-    lo, hi = PassAtK(k=1, solved=k, tasks=n).wilson_ci()
-    return f"[{lo:.1f}%,{hi:.1f}%]"
+    lo, hi = wilson_interval(k, n)
+    return f"[{100 * lo:.1f}%,{100 * hi:.1f}%]"
 
 
 def per_task(exact: torch.Tensor, task_of_row: torch.Tensor, tasks: int) -> np.ndarray:

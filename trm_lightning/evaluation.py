@@ -42,6 +42,7 @@ from trm_lightning.data.tokenize import crop_canvas
 from trm_lightning.errors import DataError
 from trm_lightning.metric_names import pass_at
 from trm_lightning.run_files import EVAL_DETAILS_FILE, SUBMISSION_FILE
+from trm_lightning.stats import wilson_interval
 
 DEFAULT_K_VALUES = (1, 2, 5, 10)
 _STATE_VERSION = 1
@@ -105,16 +106,7 @@ class PassAtK:
 
     def wilson_ci(self, z: float = 1.96) -> tuple[float, float]:
         """Wilson score interval of ``solved / tasks``, in percent; ``(0.0, 100.0)`` when ``tasks == 0``."""
-        n = self.tasks
-        if n <= 0:
-            return (0.0, 100.0)
-        p = min(max(self.solved / n, 0.0), 1.0)
-        z2 = z * z
-        denom = 1.0 + z2 / n
-        centre = (p + z2 / (2 * n)) / denom
-        half = z * math.sqrt(p * (1.0 - p) / n + z2 / (4 * n * n)) / denom
-        lo = 0.0 if p <= 0.0 else max(0.0, centre - half)  # exact bounds at the ends, not rounding noise
-        hi = 1.0 if p >= 1.0 else min(1.0, centre + half)
+        lo, hi = wilson_interval(self.solved, self.tasks, z)
         return (100.0 * lo, 100.0 * hi)
 
     def __str__(self) -> str:

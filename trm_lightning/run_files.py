@@ -7,6 +7,7 @@ A run directory is what ``TensorBoardLogger`` makes, ``<runs>/<name>/version_<n>
 - ``status.json``: running / finished / crashed, per stage (:class:`callbacks.RunStatus`);
 - ``alerts.jsonl``: one record per alert that fired (:class:`callbacks.CollapseAlert`);
 - ``submission.json``, ``eval_details.json``: the ARC evaluation of ``trm test`` (:mod:`trm_lightning.evaluation`);
+- ``fewshot_eval.json``: the held-out-rule benchmark's counts (``benchmarks/bench_fewshot.py``, ``sweep_fewshot.py``);
 - ``events.out.tfevents.*``: TensorBoard's event files;
 - ``checkpoints/``: ``last.ckpt`` (:class:`callbacks.LastCheckpoint`, for resuming), the best-validation checkpoint
   (the CLI's ``checkpoint:`` section) and ``alert-step<N>.ckpt`` (a ``stop`` or ``raise`` alert at step N).
@@ -27,6 +28,7 @@ STATUS_FILE = "status.json"
 ALERTS_FILE = "alerts.jsonl"
 SUBMISSION_FILE = "submission.json"
 EVAL_DETAILS_FILE = "eval_details.json"
+FEWSHOT_EVAL_FILE = "fewshot_eval.json"
 EVENTS_PREFIX = "events.out.tfevents."
 
 CHECKPOINT_DIR = "checkpoints"
@@ -35,7 +37,7 @@ LAST_CHECKPOINT_STEM = "last"
 LAST_CHECKPOINT = LAST_CHECKPOINT_STEM + CHECKPOINT_SUFFIX
 
 #: the files whose presence marks a folder as a run directory (besides its ``version_<n>`` name or an event file)
-RUN_FILES = (CONFIG_FILE, EXPERIMENT_FILE, STATUS_FILE, ALERTS_FILE, EVAL_DETAILS_FILE)
+RUN_FILES = (CONFIG_FILE, EXPERIMENT_FILE, STATUS_FILE, ALERTS_FILE, EVAL_DETAILS_FILE, FEWSHOT_EVAL_FILE)
 
 # ``trm report``'s output beside the runs (``<runs>/report/`` by default); a folder holding both is never scanned
 REPORT_DIR = "report"

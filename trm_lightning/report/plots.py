@@ -84,9 +84,59 @@ def overlay_figure(runs: Sequence[Run], tags: Sequence[str], title: str) -> Figu
     return fig
 
 
+def fewshot_figure(runs: Sequence[Run]) -> Figure | None:
+    """The held-out-rule benchmark per run (None when no run has ``fewshot_eval.json``): exact accuracy in percent
+    with its 95% Wilson interval, on held-out rules (own context and shuffled) and on new tasks of training rules.
+    Bar ``gid``\\ s: ``fewshot:<part>:<id>``."""
+    from trm_lightning.report.summary import fewshot_scores
+    from trm_lightning.stats import wilson_interval
+
+    scored = [(run, fewshot_scores(run)) for run in runs]
+    scored = [(run, scores) for run, scores in scored if scores]
+    if not scored:
+        return None
+    parts = (("heldout", ("heldout", "puzzle_emb_baseline"), "held-out rules"),
+             ("shuffled_context", ("shuffled_context",), "held-out, shuffled context"),
+             ("train", ("train", "baseline_new"), "new tasks of training rules"))
+    fig = Figure(figsize=(9.0, 1.2 + 0.42 * len(scored) * 1.6), layout="constrained")
+    ax = fig.subplots()
+    height = 0.8 / len(parts)
+    for i, (part, keys, label) in enumerate(parts):
+        ys, values, errors, owners = [], [], [[], []], []
+        for j, (run, scores) in enumerate(scored):
+            entry = next((scores[k] for k in keys if k in scores), None)
+            if entry is None or entry[1] == 0:
+                continue
+            k, n, _ = entry
+            lo, hi = wilson_interval(k, n)
+            value = 100.0 * k / n
+            ys.append(j + (i - 1) * height)
+            owners.append(run.id)
+            values.append(value)
+            errors[0].append(value - 100 * lo)
+            errors[1].append(100 * hi - value)
+        if ys:
+            bars = ax.barh(ys, values, height=height, xerr=errors, color=f"C{i}", label=label, capsize=2)
+            for bar, owner in zip(bars, owners):
+                bar.set_gid(f"fewshot:{part}:{owner}")
+    ax.set_yticks(range(len(scored)), [run.id for run, _ in scored], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("exact answers, % (95% Wilson interval)")
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.suptitle("few-shot benchmark: held-out rules")
+    return fig
+
+
 def write_plots(runs: Sequence[Run], out_dir: Path) -> list[Path]:
-    """Write ``<out_dir>/<figure>.png`` for each of :data:`FIGURES` with data; returns the paths written."""
+    """Write ``<out_dir>/<figure>.png`` for each of :data:`FIGURES` with data, and ``fewshot.png`` when runs hold
+    the held-out-rule benchmark's scores; returns the paths written."""
     written = []
+    fig = fewshot_figure(runs)
+    if fig is not None:
+        path = out_dir / "fewshot.png"
+        fig.savefig(path, dpi=90)
+        written.append(path)
     for name, tags in FIGURES.items():
         fig = overlay_figure(runs, tags, name)
         if fig is None:

@@ -2,9 +2,9 @@
 
 A run directory is what ``TensorBoardLogger`` makes: ``<runs>/<name>/version_<n>/`` holding ``config.yaml``
 (LightningCLI), ``events.out.tfevents.*``, and where present ``experiment.json`` (config files, hypothesis),
-``status.json`` (:mod:`callbacks.run_status`), ``alerts.jsonl`` (:mod:`callbacks.collapse_alert`) and
-``eval_details.json`` (``trm test``); the names are :mod:`trm_lightning.run_files`. Anything else met on the way
-is skipped with a one-line reason.
+``status.json`` (:mod:`callbacks.run_status`), ``alerts.jsonl`` (:mod:`callbacks.collapse_alert`),
+``eval_details.json`` (``trm test``) and ``fewshot_eval.json`` (the held-out-rule benchmark); the names are
+:mod:`trm_lightning.run_files`. Anything else met on the way is skipped with a one-line reason.
 
 Steps: TensorBoard stores a value logged during optimizer step k (1-based) at step k - 1; this module adds 1,
 so every step here is an optimizer step, the unit of ``alerts.jsonl`` and ``trainer.global_step``.
@@ -30,6 +30,7 @@ from trm_lightning.run_files import (
     EVAL_DETAILS_FILE,
     EVENTS_PREFIX,
     EXPERIMENT_FILE,
+    FEWSHOT_EVAL_FILE,
     REPORT_CSV,
     REPORT_MARKDOWN,
     RUN_FILES,
@@ -70,6 +71,7 @@ class Run:
     scalars: dict[str, Series]
     wall_times: tuple[float, float] | None  # first and last event, unix seconds
     eval_details: dict | None
+    fewshot: dict | None  # fewshot_eval.json: the held-out-rule benchmark's counts
     last_write: float  # newest modification time of the run's files
 
     @property
@@ -181,6 +183,7 @@ def load_run(run_dir: Path, runs_dir: Path) -> Run:
         raise NotARun(f"event file unreadable ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
     experiment = _read_json(run_dir / EXPERIMENT_FILE)
     details = _read_json(run_dir / EVAL_DETAILS_FILE)
+    fewshot = _read_json(run_dir / FEWSHOT_EVAL_FILE)
     mtimes = [(run_dir / f).stat().st_mtime for f in files]
     return Run(
         id=_rel(run_dir, runs_dir),
@@ -193,6 +196,7 @@ def load_run(run_dir: Path, runs_dir: Path) -> Run:
         scalars=scalars,
         wall_times=walls,
         eval_details=details if isinstance(details, dict) else None,
+        fewshot=fewshot if isinstance(fewshot, dict) and isinstance(fewshot.get("scores"), dict) else None,
         last_write=max(mtimes),
     )
 

@@ -44,6 +44,8 @@ class Row:
     diagnostics_step: int | None
     diagnostics: dict[str, float | None] = field(default_factory=dict)
     checkpoint_from: str | None = None  # the run whose checkpoint this one tested or resumed
+    #: the held-out-rule benchmark (fewshot_eval.json): score name -> (solved, queries, mean cell accuracy)
+    fewshot: dict[str, tuple[int, int, float | None]] | None = None
 
 
 def measured_train_accuracy(run: Run, key: str = names.TRAIN_ACCURACY) -> Series:
@@ -140,6 +142,18 @@ def checkpoint_source(run: Run, candidates: list[Run]) -> Run | None:
     return matches[0] if len(matches) == 1 else None
 
 
+def fewshot_scores(run: Run) -> dict[str, tuple[int, int, float | None]] | None:
+    """``fewshot_eval.json``'s scores as (solved, queries, cell accuracy); malformed entries are left out."""
+    if run.fewshot is None:
+        return None
+    out = {}
+    for name, entry in run.fewshot["scores"].items():
+        if isinstance(entry, dict) and isinstance(entry.get("solved"), int) and isinstance(entry.get("n"), int):
+            cell = entry.get("cell_accuracy")
+            out[name] = (entry["solved"], entry["n"], float(cell) if isinstance(cell, (int, float)) else None)
+    return out or None
+
+
 def build_row(run: Run, baseline: Run | None, now: float, stale_after_s: float) -> Row:
     """The row of ``run``; ``changes`` is None when ``run`` is the baseline."""
     status, detail = run_status(run, now, stale_after_s)
@@ -174,6 +188,7 @@ def build_row(run: Run, baseline: Run | None, now: float, stale_after_s: float) 
         alerts=len(alerts),
         diagnostics_step=diag_series[-1][0] if diag_series else None,
         diagnostics={tag: (run.scalars[tag][-1][1] if run.scalars.get(tag) else None) for tag in DIAGNOSTICS},
+        fewshot=fewshot_scores(run),
     )
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from trm_lightning.report.runs import Skipped
 from trm_lightning.report.summary import DIAGNOSTICS, Row
+from trm_lightning.stats import format_count
 
 STATUS_MARK = {"finished": "✅", "stopped by alert": "🛑", "gate failed": "⛔", "crashed": "❌", "interrupted": "⏸️",
                "running": "⏳", "unknown": "❔"}
@@ -20,7 +21,18 @@ CSV_COLUMNS = (
     "best_val_exact_accuracy", "best_val_exact_accuracy_step",
     "arc_pass2_solved", "arc_pass2_tasks", "arc_pass2_percent", "arc_pass2_source", "arc_pass2_protocol",
     "first_alert_step", "first_alert_rule", "alerts", "checkpoint_from", "diagnostics_step", *DIAGNOSTICS,
+    *(f"fewshot_{part}_{field}" for part in ("heldout", "shuffled_context", "train") for field in ("solved", "n", "cell")),
 )
+
+#: the few-shot table's parts -> the score names that fill them (an encoder run's, else the puzzle-id model's)
+FEWSHOT_PARTS = {"heldout": ("heldout", "puzzle_emb_baseline"), "shuffled_context": ("shuffled_context",),
+                 "train": ("train", "baseline_new")}
+
+
+def fewshot_part(row: Row, part: str) -> tuple[int, int, float | None] | None:
+    """(solved, queries, cell accuracy) of one part of the few-shot table, None when the run has no such score."""
+    scores = row.fewshot or {}
+    return next((scores[name] for name in FEWSHOT_PARTS[part] if name in scores), None)
 
 
 def _num(value: float | None, digits: int = 4) -> str:
@@ -60,6 +72,9 @@ def result_text(row: Row) -> str:
                      f"final {row.final_train_accuracy:.3f}")
     if row.best_val_exact_accuracy is not None:
         parts.append(f"val exact best {row.best_val_exact_accuracy:.3f} @ {row.best_val_exact_accuracy_step}")
+    held = fewshot_part(row, "heldout")
+    if held is not None:
+        parts.append(f"held-out rules {held[0]}/{held[1]}")
     if pass2_text(row):
         source = "" if row.arc_pass2_source == row.run else f" ({row.arc_pass2_source})"
         parts.append(f"pass@2 {pass2_text(row)}{source}")
@@ -117,11 +132,39 @@ def markdown(rows: Sequence[Row], skipped: Sequence[Skipped], baseline: str | No
     lines += _table(["ID", "step", *(d.split("/", 1)[1] for d in DIAGNOSTICS)],
                     [(r.run, r.diagnostics_step if r.diagnostics_step is not None else "",
                       *(_num(r.diagnostics.get(d)) for d in DIAGNOSTICS)) for r in rows if r.diagnostics_step is not None])
+    lines += fewshot_table(rows)
     if plots:
         lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
     if skipped:
         lines += ["", "## Skipped", ""] + [f"- `{s.path}`: {s.reason}" for s in skipped]
     return "\n".join(lines) + "\n"
+
+
+def fewshot_table(rows: Sequence[Row]) -> list[str]:
+    """The held-out-rule benchmark's section (empty when no run has ``fewshot_eval.json``): exact counts with their
+    95% Wilson intervals, the shuffled-context gap in points, and the mean cell accuracies."""
+    scored = [r for r in rows if r.fewshot]
+    if not scored:
+        return []
+
+    def count(part):
+        return "" if part is None else format_count(part[0], part[1])
+
+    def cell(part):
+        return "" if part is None or part[2] is None else f"{part[2]:.3f}"
+
+    table = []
+    for r in scored:
+        held, shuffled, new = (fewshot_part(r, p) for p in FEWSHOT_PARTS)
+        gap = (f"{100.0 * (held[0] / held[1] - shuffled[0] / shuffled[1]):+.1f}"
+               if held and shuffled and held[1] and shuffled[1] else "")
+        table.append((r.run, count(held), count(shuffled), gap, cell(held), cell(shuffled), count(new), cell(new)))
+    lines = ["", "## Few-shot benchmark: held-out rules", "",
+             "Exact answers (every cell and the border right), 95% Wilson intervals. *shuffled*: the same held-out "
+             "queries given another rule's context; *gap*: held-out minus shuffled, in points. *train rules*: new "
+             "tasks of the training rules. A puzzle-id run shows its blank-id score on the held-out queries.", ""]
+    return lines + _table(["ID", "held-out exact", "shuffled context", "gap (pt)", "held-out cell acc",
+                           "shuffled cell acc", "train rules exact", "train rules cell acc"], table)
 
 
 def csv_record(row: Row) -> dict[str, object]:
@@ -139,6 +182,10 @@ def csv_record(row: Row) -> dict[str, object]:
         "diagnostics_step": row.diagnostics_step,
         **row.diagnostics,
     }
+    for part in FEWSHOT_PARTS:
+        values = fewshot_part(row, part)
+        for field, value in zip(("solved", "n", "cell"), values or (None, None, None)):
+            record[f"fewshot_{part}_{field}"] = value
     return {k: ("" if record.get(k) is None else record[k]) for k in CSV_COLUMNS}
 
 
