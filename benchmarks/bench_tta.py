@@ -37,7 +37,7 @@ if str(ROOT) not in sys.path:  # run as `python benchmarks/bench_tta.py` from an
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_fewshot import CONFIG, RUN_VERSION, load_run, score  # noqa: E402
-from trm_lightning.adaptation import METHODS, PARAMETER_SETS, AdaptationConfig, Finetuner, adapt_contexts  # noqa: E402
+from trm_lightning.adaptation import METHODS, PARAMETER_SETS, AdaptationConfig, Finetuner, adapt_context_group  # noqa: E402
 from trm_lightning.stats import wilson_interval  # noqa: E402
 from trm_lightning.run_files import CHECKPOINT_DIR, LAST_CHECKPOINT  # noqa: E402
 
@@ -55,6 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--finetune-lr", type=float, default=1e-4)
     p.add_argument("--finetune-params", default="all", choices=PARAMETER_SETS)
     p.add_argument("--time-budget", type=float, default=None, help="seconds per task and method (default: none)")
+    p.add_argument("--task-batch", type=int, default=AdaptationConfig.task_batch,
+                   help="context: tasks adapted together in one batch (default: %(default)s; 1: one at a time)")
     p.add_argument("--tasks", type=int, default=None, help="the first N held-out tasks only (default: all)")
     p.add_argument("--threads", type=int, default=2, help="intra-op threads")
     p.add_argument("--trm-protocol-run", default=None,
@@ -101,26 +103,31 @@ def rows_of(batch: dict[str, torch.Tensor], rows: torch.Tensor) -> dict[str, tor
 
 def adapt_and_score(module, dm, batch, tasks: list[int], method: str, config: AdaptationConfig) -> tuple[torch.Tensor, float, int]:
     """Each task adapted on its demos alone (original version), its queries scored, the adaptation undone: (exact
-    per row, adaptation seconds, steps taken in all)."""
+    per row, adaptation seconds, steps taken in all). ``context`` adapts ``config.task_batch`` tasks per batch."""
     net = module.model
     exact = torch.zeros(batch["inputs"].shape[0], dtype=torch.bool)
     tuner = Finetuner(net, config) if method == "finetune" else None
-    adapt_s, steps = 0.0, 0
-    for i, t in enumerate(tasks):
-        rows = (batch["task_index"] == t).nonzero().flatten()
-        demos = dm.task_demos(t, [0])
+    group_size = config.task_batch if tuner is None else 1
+    adapt_s, steps, done = 0.0, 0, 0
+    for first in range(0, len(tasks), group_size):
+        group = tasks[first : first + group_size]
+        rows = [(batch["task_index"] == t).nonzero().flatten() for t in group]
+        demos = [dm.task_demos(t, [0]) for t in group]
         start = time.perf_counter()
         if tuner is None:
-            context, taken = adapt_contexts(net, demos, config)
+            results = adapt_context_group(net, demos, config)
             adapt_s += time.perf_counter() - start
-            exact[rows] = score(module, rows_of(batch, rows), context[0].expand(len(rows), -1, -1)).exact
+            for r, (context, taken) in zip(rows, results):
+                exact[r] = score(module, rows_of(batch, r), context[0].expand(len(r), -1, -1)).exact
+                steps += taken
         else:
-            with tuner.adapted(demos) as taken:
+            with tuner.adapted(demos[0]) as taken:
                 adapt_s += time.perf_counter() - start
-                exact[rows] = score(module, rows_of(batch, rows)).exact
-        steps += taken
-        if (i + 1) % 10 == 0 or i + 1 == len(tasks):
-            print(f"\rbench tta: {method} {i + 1}/{len(tasks)} tasks, {adapt_s / (i + 1):.2f} s/task",
+                exact[rows[0]] = score(module, rows_of(batch, rows[0])).exact
+            steps += taken
+        before, done = done, done + len(group)
+        if done // 10 > before // 10 or done == len(tasks):
+            print(f"\rbench tta: {method} {done}/{len(tasks)} tasks, {adapt_s / done:.2f} s/task",
                   end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
     return exact, adapt_s, steps
@@ -176,17 +183,19 @@ def main(argv: list[str] | None = None) -> list[str]:
     for method in args.methods:
         config = AdaptationConfig(methods=[method], context_steps=args.context_steps, context_lr=args.context_lr,
                                   finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr,
-                                  finetune_params=args.finetune_params, time_budget_s=args.time_budget)
+                                  finetune_params=args.finetune_params, time_budget_s=args.time_budget,
+                                  task_batch=args.task_batch)
         exact, seconds, taken = adapt_and_score(module, dm, batch, tasks, method, config)
         b = int(exact.sum())
         gain = Gain(before_tasks, per_task(exact, task_of_row, n_tasks), queries)
         lo, hi = gain.ci(args.bootstrap)
         steps = config.steps(method)
         what = f"{method}({config.finetune_params})" if method == "finetune" else method
+        batched = f" task_batch={config.task_batch}" if method == "context" else ""
         line = (f"bench tta method={what} steps={steps} tasks={n_tasks} s_per_task={seconds / n_tasks:.3f} "
                 f"heldout_before={a}/{queries} heldout_after={b}/{queries} before_ci={wilson(a, queries)} "
                 f"after_ci={wilson(b, queries)} gain={b - a:+d} gain_ci=[{lo:+.0f},{hi:+.0f}] "
-                f"gain_outside_ci={'yes' if lo > 0 else 'no'} steps_taken={taken / n_tasks:.1f}")
+                f"gain_outside_ci={'yes' if lo > 0 else 'no'} steps_taken={taken / n_tasks:.1f}{batched}")
         print(line, flush=True)
         lines.append(line)
         records.append({"method": what, "steps": steps, "lr": config.context_lr if method == "context"

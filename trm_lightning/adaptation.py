@@ -56,6 +56,8 @@ class AdaptationConfig:
             the original first) the ``finetune`` objective uses; None: all of them. (``context`` adapts one context
             per version, on that version's demos.)
         time_budget_s: per task and method, stop taking steps once this many seconds have passed; None: no limit.
+        task_batch: ``context`` adapts this many tasks together, in one batch (each task's contexts still get
+            exactly their own gradient); 1: one task at a time. ``finetune`` adapts one task at a time.
     """
 
     methods: list[Literal["context", "finetune"]] = field(default_factory=list)
@@ -66,6 +68,7 @@ class AdaptationConfig:
     finetune_params: Literal["encoder", "trm", "all"] = "all"
     finetune_augmentations: int | None = None
     time_budget_s: float | None = None
+    task_batch: int = 8
 
     def __post_init__(self) -> None:
         for method in self.methods:
@@ -76,7 +79,7 @@ class AdaptationConfig:
         if self.finetune_params not in PARAMETER_SETS:
             raise ConfigError(f"model.adaptation.finetune_params must be one of {PARAMETER_SETS}, "
                               f"got {self.finetune_params!r}")
-        for key in ("context_steps", "finetune_steps"):
+        for key in ("context_steps", "finetune_steps", "task_batch"):
             check_at_least(f"model.adaptation.{key}", getattr(self, key), 1)
         for key in ("context_lr", "finetune_lr"):
             check_at_least(f"model.adaptation.{key}", getattr(self, key), 0)
@@ -101,9 +104,11 @@ def protocol(config: AdaptationConfig | None, method: str | None, train_on_eval_
     return "held-out" if method is None else f"held-out + test-time adaptation ({config.label(method)})"
 
 
-def deep_supervision_loss(model: EncoderTRM, batch: Mapping[str, Tensor], context: Tensor | None = None) -> Tensor:
-    """Mean over rows and over the rollout's ``halt_max_steps`` ACT steps of the training loss of each step (the
-    supervision every step gets in training); ``context`` replaces the conditioner's."""
+def deep_supervision_loss(model: EncoderTRM, batch: Mapping[str, Tensor], context: Tensor | None = None,
+                          row_weight: Tensor | None = None) -> Tensor:
+    """Mean over rows (or the ``row_weight``-weighted sum) and over the rollout's ``halt_max_steps`` ACT steps of the
+    training loss of each step (the supervision every step gets in training); ``context`` replaces the
+    conditioner's."""
     if context is None:
         context = model.encode(batch)
     trm = model.trm
@@ -112,7 +117,7 @@ def deep_supervision_loss(model: EncoderTRM, batch: Mapping[str, Tensor], contex
     total = x.new_zeros((), dtype=torch.float32)
     for _ in range(trm.halt_max_steps):
         y, z, logits, q = trm(y, z, x)
-        total = total + act_loss(logits, batch["labels"], q[:, 0]).loss
+        total = total + act_loss(logits, batch["labels"], q[:, 0], row_weight=row_weight).loss
     return total / trm.halt_max_steps
 
 
@@ -148,21 +153,51 @@ def _out_of_time(start: float, budget: float | None) -> bool:
 
 def adapt_contexts(model: EncoderTRM, demos: TaskDemos, config: AdaptationConfig) -> tuple[Tensor, int]:
     """The ``context`` method for one task: (contexts (versions, P, D) after the steps, steps taken)."""
+    return adapt_context_group(model, [demos], config)[0]
+
+
+def adapt_context_group(model: EncoderTRM, group: Sequence[TaskDemos], config: AdaptationConfig
+                        ) -> list[tuple[Tensor, int]]:
+    """The ``context`` method for several tasks at once, in one batch: per task (its contexts, steps taken).
+
+    The tasks' leave-one-out rows are concatenated and each row reads its own task's context; the loss is the sum
+    over tasks of each task's mean, so each task's contexts get exactly the gradient they would alone (rows never
+    interact: attention, norms and the loss are per row), and Adam acts elementwise: a task's result does not depend
+    on its companions, up to the rounding of a larger batch. The time budget of the group is ``time_budget_s`` times
+    its number of tasks."""
     with torch.no_grad():
-        context = model.encode(demos.full).detach().clone()
-    if demos.leave_one_out is None:
-        return context, 0
-    context.requires_grad_(True)
+        full = _concat([d.full for d in group])
+        encoded = model.encode(full).detach()
+    sizes = [len(d.versions) for d in group]
+    contexts = list(encoded.split(sizes))
+    learn = [i for i, d in enumerate(group) if d.leave_one_out is not None]
+    if not learn:
+        return [(c.clone(), 0) for c in contexts]
+    offsets = torch.tensor([0, *sizes]).cumsum(0)
+    batch = _concat([group[i].leave_one_out for i in learn])
+    slot = torch.cat([group[i].version_of_row + offsets[i] for i in learn]).to(encoded.device)
+    rows = [int(group[i].version_of_row.numel()) for i in learn]
+    weight = torch.cat([torch.full((n,), 1.0 / n, dtype=torch.float64) for n in rows]).to(encoded.device)
+    context = encoded.clone().requires_grad_(True)
     adam = _Adam([context], config.context_lr)
+    budget = None if config.time_budget_s is None else config.time_budget_s * len(group)
     start, taken = time.perf_counter(), 0
     for _ in range(config.context_steps):
-        if _out_of_time(start, config.time_budget_s):
+        if _out_of_time(start, budget):
             break
-        loss = deep_supervision_loss(model, demos.leave_one_out, context[demos.version_of_row])
+        loss = deep_supervision_loss(model, batch, context[slot], row_weight=weight)
         (grad,) = torch.autograd.grad(loss, [context])  # the weights get no gradient
         adam.step([grad])
         taken += 1
-    return context.detach(), taken
+    adapted = context.detach().split(sizes)
+    learned = set(learn)
+    return [(adapted[i].clone(), taken if i in learned else 0) for i in range(len(group))]
+
+
+def _concat(batches: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor]:
+    if len(batches) == 1:
+        return dict(batches[0])
+    return {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
 
 
 def parameters_for(model: EncoderTRM, which: str) -> list[nn.Parameter]:
@@ -277,7 +312,7 @@ class VotingRun:
         self.methods = list(config.methods) if config is not None else []
         self.evaluators = {m: ARCVoteEvaluator(tasks, seed=seed) for m in [None, *self.methods]}
         self._demos_of = lambda task: demos_of(task, self.versions)
-        self._contexts: dict[str, tuple[int, Tensor]] = {}
+        self._contexts: dict[int, Tensor] = {}  # context method: task -> its adapted contexts (this batch's tasks)
         self._finetuned = Finetuned(model, config) if "finetune" in self.methods else None
         self.seconds = {m: 0.0 for m in self.methods}
         self.tasks_adapted = {m: 0 for m in self.methods}
@@ -303,41 +338,52 @@ class VotingRun:
 
     def _adapted_rollout(self, batch: Mapping[str, Tensor], method: str) -> tuple[Tensor, Tensor]:
         tasks = batch["task_index"]
+        order = list(dict.fromkeys(tasks.tolist()))  # in order of appearance
         predictions = torch.empty_like(batch["inputs"], dtype=torch.long)
         q_halt = torch.empty(tasks.shape[0], device=tasks.device)
-        for task in dict.fromkeys(tasks.tolist()):  # in order of appearance
+        if method == "context":
+            self._prepare_contexts(order)
+        for task in order:
             rows = (tasks == task).nonzero().squeeze(1)
             part = {k: v[rows] for k, v in batch.items()}
-            start = time.perf_counter()
-            with torch.inference_mode(False), torch.enable_grad():
-                steps = self._prepare(method, task)
-            if steps is not None:
-                self.seconds[method] += time.perf_counter() - start
-                self.tasks_adapted[method] += 1
-                self.steps_taken[method] += steps
-                if self._bar is not None:
-                    self._bar.update(1)
-                    self._bar.set_postfix_str(f"{method}: {self.seconds[method] / self.tasks_adapted[method]:.2f} s/task")
+            if method == "finetune":
+                start = time.perf_counter()
+                with torch.inference_mode(False), torch.enable_grad():
+                    steps = self._finetuned.prepare(task, self._demos_of)
+                if steps is not None:
+                    self._count(method, [steps], time.perf_counter() - start)
             with torch.no_grad():
                 if method == "context":
                     slot = {v: i for i, v in enumerate(self.versions)}
                     index = torch.tensor([slot[int(a)] for a in part["aug_index"]], device=rows.device)
-                    logits, q, _ = self.model.rollout(part, context=self._contexts[method][1][index])
+                    logits, q, _ = self.model.rollout(part, context=self._contexts[task][index])
                 else:
                     with self._finetuned.applied():
                         logits, q, _ = self.model.rollout(part)
             predictions[rows], q_halt[rows] = logits.argmax(-1), q.float()
         return predictions, q_halt
 
-    def _prepare(self, method: str, task: int) -> int | None:
-        if method == "finetune":
-            return self._finetuned.prepare(task, self._demos_of)
-        held = self._contexts.get(method)
-        if held is not None and held[0] == task:
-            return None
-        contexts, steps = adapt_contexts(self.model, self._demos_of(task), self.config)
-        self._contexts[method] = (task, contexts)
-        return steps
+    def _prepare_contexts(self, tasks: list[int]) -> None:
+        """Adapt the contexts of ``tasks`` not held yet, ``task_batch`` tasks per batch; keep only these tasks' (the
+        rows of a task arrive in order, so a task never comes back once a batch without it has arrived)."""
+        self._contexts = {t: c for t, c in self._contexts.items() if t in tasks}
+        todo = [t for t in tasks if t not in self._contexts]
+        for start in range(0, len(todo), self.config.task_batch):
+            group = todo[start : start + self.config.task_batch]
+            began = time.perf_counter()
+            with torch.inference_mode(False), torch.enable_grad():
+                results = adapt_context_group(self.model, [self._demos_of(t) for t in group], self.config)
+            for task, (contexts, _) in zip(group, results):
+                self._contexts[task] = contexts
+            self._count("context", [steps for _, steps in results], time.perf_counter() - began)
+
+    def _count(self, method: str, steps: list[int], seconds: float) -> None:
+        self.seconds[method] += seconds
+        self.tasks_adapted[method] += len(steps)
+        self.steps_taken[method] += sum(steps)
+        if self._bar is not None:
+            self._bar.update(len(steps))
+            self._bar.set_postfix_str(f"{method}: {self.seconds[method] / self.tasks_adapted[method]:.2f} s/task")
 
     def close(self) -> None:
         if self._bar is not None:

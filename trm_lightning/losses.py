@@ -73,9 +73,11 @@ class ACTLossOutput:
 
 
 def act_loss(
-    logits: Tensor, labels: Tensor, q_halt_logits: Tensor, q_halt_loss_weight: float = 0.5, loss_type: str = "stablemax"
+    logits: Tensor, labels: Tensor, q_halt_logits: Tensor, q_halt_loss_weight: float = 0.5, loss_type: str = "stablemax",
+    row_weight: Tensor | None = None,
 ) -> ACTLossOutput:
-    """The loss of one ACT step and the per-row quantities the metrics need."""
+    """The loss of one ACT step and the per-row quantities the metrics need. The loss is the mean over rows, or with
+    ``row_weight`` (rows,) the weighted sum (test-time adaptation of several tasks in one batch: 1/rows of the task)."""
     denom = (labels != IGNORE_LABEL).sum(-1).clamp_min(1)
     lm = token_cross_entropy(logits, labels, loss_type).sum(-1) / denom
     with torch.no_grad():
@@ -83,7 +85,8 @@ def act_loss(
         accuracy = row_accuracy(preds, labels)
     exact = accuracy.exact
     q_loss = F.binary_cross_entropy_with_logits(q_halt_logits.float(), exact.float(), reduction="none")
-    loss = (lm + q_halt_loss_weight * q_loss.double()).mean()
+    per_row = lm + q_halt_loss_weight * q_loss.double()
+    loss = per_row.mean() if row_weight is None else (per_row * row_weight.to(per_row.dtype)).sum()
     return ACTLossOutput(
         loss=loss.float(),
         lm_loss=lm.detach().float(),

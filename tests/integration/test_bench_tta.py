@@ -15,7 +15,7 @@ TINY = ["--model.hidden_size=32", "--model.num_heads=2", "--model.halt_max_steps
         "--data.episodes_per_epoch=24"]
 LINE = re.compile(r"^bench tta method=(\S+) steps=(\d+) tasks=(\d+) s_per_task=([\d.]+) heldout_before=(\d+)/(\d+) "
                   r"heldout_after=(\d+)/(\d+) before_ci=\S+ after_ci=\S+ gain=([+-]\d+) gain_ci=\[([+-]\d+),([+-]\d+)\] "
-                  r"gain_outside_ci=(yes|no) steps_taken=([\d.]+)$")
+                  r"gain_outside_ci=(yes|no) steps_taken=([\d.]+)( task_batch=\d+)?$")
 
 
 def _load(name: str):
@@ -41,7 +41,7 @@ def test_bench_tta_end_to_end_tiny(tmp_path, one_thread):
     for line, method in zip(lines[:2], ("context", "finetune(all)")):
         match = LINE.match(line)
         assert match, line
-        got_method, steps, tasks, _, before, n, after, n2, gain, lo, hi, outside, taken = match.groups()
+        got_method, steps, tasks, _, before, n, after, n2, gain, lo, hi, outside, taken = match.groups()[:13]
         assert (got_method, steps, tasks, n, n2) == (method, "2", "4", "4", "4")
         assert int(gain) == int(after) - int(before) and int(lo) <= int(gain) <= int(hi)
         assert (outside == "yes") == (int(lo) > 0) and float(taken) == 2.0

@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trm_lightning.adaptation import AdaptationConfig, Finetuner, adapt_contexts, deep_supervision_loss
+from trm_lightning.adaptation import (
+    AdaptationConfig,
+    Finetuner,
+    adapt_context_group,
+    adapt_contexts,
+    deep_supervision_loss,
+)
 from trm_lightning.data.datamodule import ARCDataModule
 from trm_lightning.models.conditioning import ConditionerShape
 from trm_lightning.models.encoder import StandardDemoEncoder
@@ -57,6 +63,24 @@ def test_context_adaptation_is_reset_per_task_and_leaves_the_weights(dm):
     with torch.no_grad():
         start = model.encode(dm.task_demos(1, versions).full)
     assert not torch.equal(alone, start)  # it moved from the encoder's context
+
+
+def test_tasks_adapted_in_one_batch_get_what_each_gets_alone(dm):
+    """Cross-task batching: each task's contexts equal those of adapting it alone (the same gradient, elementwise
+    Adam), up to the rounding of a larger batch; the companions do not matter."""
+    model = _model()
+    config = AdaptationConfig(methods=["context"], context_steps=6, context_lr=0.05)
+    versions = dm.test_aug_indices[:2]
+    tasks = [0, 1, 2]
+    group = adapt_context_group(model, [dm.task_demos(t, versions) for t in tasks], config)
+    for t, (batched, steps) in zip(tasks, group):
+        alone, alone_steps = adapt_contexts(model, dm.task_demos(t, versions), config)
+        assert steps == alone_steps == 6 and batched.shape == alone.shape == (len(versions), *alone.shape[1:])
+        torch.testing.assert_close(batched, alone, rtol=1e-4, atol=1e-5)
+        with torch.no_grad():
+            assert (batched - model.encode(dm.task_demos(t, versions).full)).abs().max() > 1e-2  # it did move
+    other = adapt_context_group(model, [dm.task_demos(t, versions) for t in (2, 1)], config)
+    torch.testing.assert_close(other[1][0], group[1][0], rtol=1e-4, atol=1e-5)  # task 1 with other companions
 
 
 def test_context_steps_lower_the_demo_loss(dm):
