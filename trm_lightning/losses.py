@@ -74,12 +74,18 @@ class ACTLossOutput:
 
 def act_loss(
     logits: Tensor, labels: Tensor, q_halt_logits: Tensor, q_halt_loss_weight: float = 0.5, loss_type: str = "stablemax",
-    row_weight: Tensor | None = None,
+    row_weight: Tensor | None = None, cell_weight: Tensor | None = None,
 ) -> ACTLossOutput:
     """The loss of one ACT step and the per-row quantities the metrics need. The loss is the mean over rows, or with
-    ``row_weight`` (rows,) the weighted sum (test-time adaptation of several tasks in one batch: 1/rows of the task)."""
-    denom = (labels != IGNORE_LABEL).sum(-1).clamp_min(1)
-    lm = token_cross_entropy(logits, labels, loss_type).sum(-1) / denom
+    ``row_weight`` (rows,) the weighted sum (test-time adaptation of several tasks in one batch: 1/rows of the task).
+    ``cell_weight`` (B, T), when given, makes each row's cross-entropy the weighted mean over its supervised cells."""
+    mask = labels != IGNORE_LABEL
+    if cell_weight is None:
+        denom = mask.sum(-1).clamp_min(1)
+        lm = token_cross_entropy(logits, labels, loss_type).sum(-1) / denom
+    else:
+        weight = torch.where(mask, cell_weight, torch.zeros_like(cell_weight))
+        lm = (token_cross_entropy(logits, labels, loss_type) * weight).sum(-1) / weight.sum(-1).clamp_min(1e-12)
     with torch.no_grad():
         preds = logits.argmax(-1)
         accuracy = row_accuracy(preds, labels)

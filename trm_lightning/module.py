@@ -48,8 +48,9 @@ from trm_lightning.vocab import VOCAB_SIZE
 
 POSITIVE_INTS = ("canvas_size", "hidden_size", "num_heads", "L_layers", "H_cycles", "L_cycles", "halt_max_steps",
                  "puzzle_emb_len", "num_puzzle_ids")
-NON_NEGATIVE = ("q_halt_loss_weight", "lr", "encoder_lr_scale", "weight_decay", "lr_warmup_steps", "freeze_trm_steps",
-                "freeze_encoder_steps", "puzzle_emb_lr", "puzzle_emb_weight_decay", "context_contrastive_weight")
+NON_NEGATIVE = ("q_halt_loss_weight", "changed_cell_weight", "lr", "encoder_lr_scale", "weight_decay",
+                "lr_warmup_steps", "freeze_trm_steps", "freeze_encoder_steps", "puzzle_emb_lr", "puzzle_emb_weight_decay",
+                "context_contrastive_weight")
 
 
 def check_arguments(hp: Mapping[str, Any]) -> None:
@@ -142,6 +143,10 @@ class TRMLitModule(LightningModule):
             contexts of two disjoint demo subsets of a row must match each other rather than other rows'), a
             regulariser against memorisation; 0 (the default) computes nothing.
         context_contrastive_temperature: its InfoNCE temperature.
+        changed_cell_weight: in the training loss, each supervised cell whose target differs from the input's
+            token at the same place weighs this much, the others 1 (each row's cross-entropy is the weighted mean).
+            1 (the default) is TRM's loss. Against the copy-the-input optimum: on most rules most cells are copied,
+            so a model that only copies already gets most of the loss right.
     """
 
     def __init__(
@@ -178,6 +183,7 @@ class TRMLitModule(LightningModule):
         adaptation: AdaptationConfig | None = None,
         context_contrastive_weight: float = 0.0,
         context_contrastive_temperature: float = 0.1,
+        changed_cell_weight: float = 1.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -276,7 +282,11 @@ class TRMLitModule(LightningModule):
             self._carry = self.model.initial_carry(batch)
         self._carry, out = self.model.act_step(self._carry, batch)
         data, steps, halted = self._carry.data, self._carry.steps, self._carry.halted
-        loss = act_loss(out.logits, data["labels"], out.q_halt, hp.q_halt_loss_weight, hp.loss_type)
+        weight = None
+        if hp.changed_cell_weight != 1.0:  # off: TRM's loss, bit for bit
+            changed = data["labels"] != data["inputs"]
+            weight = torch.where(changed, hp.changed_cell_weight, 1.0).to(torch.float64)
+        loss = act_loss(out.logits, data["labels"], out.q_halt, hp.q_halt_loss_weight, hp.loss_type, cell_weight=weight)
         self.train_metrics.update(
             halted & loss.has_labels, loss.token_accuracy, loss.exact, out.q_halt.detach(), steps, loss.lm_loss,
             loss.q_halt_loss,

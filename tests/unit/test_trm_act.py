@@ -106,3 +106,45 @@ def test_stablemax_gradient_is_finite_at_one():
     out = act_loss(logits, torch.tensor([[2]]), torch.tensor([0.0]))
     out.loss.backward()
     assert torch.isfinite(logits.grad).all()
+
+
+def test_cell_and_row_weights_of_the_loss():
+    """``cell_weight``: each row's cross-entropy is the weighted mean of its supervised cells (all ones: the plain
+    mean); ``row_weight``: the weighted sum over rows instead of the mean."""
+    from trm_lightning.losses import token_cross_entropy
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 5, generator=g)
+    labels = torch.tensor([[1, 4, -100], [2, 0, 3]])
+    q = torch.tensor([0.3, -0.2])
+    plain = act_loss(logits, labels, q)
+    ones = act_loss(logits, labels, q, cell_weight=torch.ones(2, 3, dtype=torch.float64))
+    torch.testing.assert_close(ones.lm_loss, plain.lm_loss)
+    weight = torch.tensor([[5.0, 1.0, 5.0], [1.0, 5.0, 1.0]], dtype=torch.float64)  # the ignored cell weighs nothing
+    ce = token_cross_entropy(logits, labels).double()
+    expected = torch.stack([(5 * ce[0, 0] + ce[0, 1]) / 6, (ce[1, 0] + 5 * ce[1, 1] + ce[1, 2]) / 7])
+    torch.testing.assert_close(act_loss(logits, labels, q, cell_weight=weight).lm_loss, expected.float())
+    rows = act_loss(logits, labels, q, row_weight=torch.tensor([0.25, 0.75]))
+    torch.testing.assert_close(rows.loss, (0.25 * (plain.lm_loss[0] + 0.5 * plain.q_halt_loss[0])
+                                           + 0.75 * (plain.lm_loss[1] + 0.5 * plain.q_halt_loss[1])))
+
+
+def test_changed_cell_weight_reaches_the_training_loss(tmp_path, synthetic_task_dir, synthetic_eval_dir, one_thread):
+    """``model.changed_cell_weight``: the default 1 is TRM's loss bit for bit (the golden test pins it); another
+    value changes the very first step's loss, and only the loss (same data, same random draws)."""
+    import json
+
+    from tests.integration.helpers import build_tiny
+
+    records = {}
+    for w in ("1.0", "4.0"):
+        path = tmp_path / f"losses{w}.jsonl"
+        cli = build_tiny(synthetic_task_dir, synthetic_eval_dir, tmp_path / f"runs{w}", "--trainer.max_steps=2",
+                         "--trainer.limit_val_batches=0", f"--model.changed_cell_weight={w}",
+                         "--trainer.callbacks+=tests.integration.helpers.LossRecorder", f"--trainer.callbacks.path={path}")
+        cli.trainer.fit(cli.model, cli.datamodule)
+        records[w] = [json.loads(line) for line in open(path)]
+    plain, weighted = records["1.0"], records["4.0"]
+    assert len(plain) == len(weighted) == 2
+    assert abs(weighted[0]["loss"] - plain[0]["loss"]) > 1e-3 * plain[0]["loss"]
+    assert [r["rand"] for r in plain] == [r["rand"] for r in weighted]
