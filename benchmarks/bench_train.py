@@ -8,10 +8,12 @@ steps each, after ``--warmup``), so a busy machine slows both alike; figures are
     python benchmarks/bench_train.py --preset arc --batch 8          # CPU, the ARC config
     python benchmarks/bench_train.py --preset arc                     # GPU: bf16, 192 rows (TRM's per-GPU batch)
     python benchmarks/bench_train.py --preset arc --batch 8 --optimizers   # AdamW against AdamATan2 (puzzle ids)
+    python benchmarks/bench_train.py --preset arc --attention-layouts       # the encoder's buckets against packed
 
 Lines: ``bench train_step conditioning=<c> step_s=<median> step_s_min=... step_s_max=...`` for each, then
 ``bench train_overhead encoder_overhead=<r> encoder_overhead_min=... _max=...`` (encoder / puzzle ids). With
-``--optimizers``: ``bench train_step optimizer=<o> ...`` and ``bench train_overhead adam_atan2_over_adamw=<r>``.
+``--optimizers``: ``bench train_step optimizer=<o> ...`` and ``bench train_overhead adam_atan2_over_adamw=<r>``; with
+``--attention-layouts``: ``bench train_step attention=<buckets|packed> ...`` and ``... packed_over_buckets=<r>``.
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ from trm_lightning.flops import encoder_step_flops, trm_step_flops
 from trm_lightning.optim import build_optimizer, named_param_groups
 
 
-def prepare(args, conditioning: str, optimizer_name: str | None = None) -> Side:
-    lit, dm = build(args, conditioning)
+def prepare(args, conditioning: str, optimizer_name: str | None = None, *extra: str) -> Side:
+    lit, dm = build(args, conditioning, *extra)
     hp = lit.hparams
     lit.to(args.device).train()
     batches = [to_device(b, args.device) for _, b in zip(range(4), dm.train_dataloader())]
@@ -70,8 +72,15 @@ def main() -> None:
     parser = base_parser(__doc__.splitlines()[0])
     parser.add_argument("--optimizers", action="store_true",
                         help="compare AdamW and AdamATan2 (puzzle-id conditioning) instead of the two conditionings")
+    parser.add_argument("--attention-layouts", action="store_true",
+                        help="compare the encoder's attention layouts, buckets and packed (encoder-TRM steps)")
     args = resolve_defaults(parser.parse_args())
     quiet()
+    if args.attention_layouts:
+        sides = {name: prepare(args, "encoder", None, f"--model.conditioner.attention={name}")
+                 for name in ("buckets", "packed")}
+        compare(args, sides, "train_step", "step_s", "packed_over_buckets", "packed", "buckets", "attention")
+        return
     if args.optimizers:
         sides = {name: prepare(args, "puzzle_emb", name) for name in ("adamw", "adam_atan2")}
         compare(args, sides, "train_step", "step_s", "adam_atan2_over_adamw", "adam_atan2", "adamw", "optimizer")

@@ -157,6 +157,43 @@ def test_cropped_encoding_equals_the_full_canvas(pooling, norm_style):
             assert torch.allclose(a, b, atol=1e-4, rtol=1e-3)
 
 
+@pytest.mark.parametrize("pooling, norm_style, transform", [
+    ("mean", "post", "concat"), ("attention", "pre", "concat"), ("weighted", "post", "concat"), ("mean", "pre", "diff"),
+])
+def test_packed_attention_equals_the_bucketed_encoding(pooling, norm_style, transform):
+    """``attention="packed"`` (every pair's real cells in one row, no padding; the padded reference on the CPU)
+    gives the buckets' output and gradients; the packed layout's own kernel is the reference's numbers."""
+    di, do = _real_grids(12)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0]], dtype=torch.bool)
+    knobs = dict(pooling_method=pooling, norm_style=norm_style, transform=transform)
+    buckets, packed = _encoder(crop_buckets=3, **knobs), _encoder(attention="packed", **knobs)
+    ref, out = buckets.encode(di, do, mask), packed.encode(di, do, mask)
+    assert torch.allclose(out, ref, atol=2e-5), (out - ref).abs().max()
+    g_ref = torch.autograd.grad(ref.square().sum(), list(buckets.parameters()), allow_unused=True)
+    g_out = torch.autograd.grad(out.square().sum(), list(packed.parameters()), allow_unused=True)
+    for a, b in zip(g_ref, g_out):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert torch.allclose(a, b, atol=1e-4, rtol=1e-3)
+
+
+def test_packed_attention_keeps_sequences_apart():
+    from trm_lightning.models.layers import PackedLayout, packed_attention
+
+    torch.manual_seed(0)
+    lengths = torch.tensor([3, 1, 5])
+    q, k, v = (torch.randn(1, 2, 9, 4) for _ in range(3))
+    out = packed_attention(q, k, v, PackedLayout.self_attention(lengths, 5))
+    start = 0
+    for n in lengths.tolist():  # each sequence alone, by plain SDPA
+        sl = slice(start, start + n)
+        alone = torch.nn.functional.scaled_dot_product_attention(q[:, :, sl], k[:, :, sl], v[:, :, sl])
+        assert torch.allclose(out[:, :, sl], alone, atol=1e-6)
+        start += n
+    with pytest.raises(Exception, match="cross"):
+        _encoder(attention="packed", transform="cross")
+
+
 def test_diff_transform_reads_colour_in_to_colour_out_per_cell():
     enc = _encoder(transform="diff", crop_buckets=0)
     di, do = _real_grids(4)

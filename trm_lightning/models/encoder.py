@@ -29,12 +29,22 @@ import torch
 from torch import Tensor, nn
 
 from trm_lightning.checks import check_at_least
+from trm_lightning.errors import ConfigError
 from trm_lightning.models.conditioning import Conditioner, ConditionerShape
-from trm_lightning.models.layers import Block, CrossAttention, RotaryEmbedding, lecun_linear, rms_norm, trunc_normal_
+from trm_lightning.models.layers import (
+    Block,
+    CrossAttention,
+    PackedLayout,
+    RotaryEmbedding,
+    lecun_linear,
+    rms_norm,
+    trunc_normal_,
+)
 from trm_lightning.vocab import PAD, VOCAB_SIZE
 
 POOLING_METHODS = ("mean", "attention", "weighted")
 TRANSFORMS = ("concat", "diff", "cross")
+ATTENTION_LAYOUTS = ("buckets", "packed")
 
 
 _compiled_encode_fn = None
@@ -71,6 +81,11 @@ class DemoGridEncoder(nn.Module):
 
     ``compile``: run the encoding of each bucket (embeddings, blocks, pooling) through ``torch.compile``
     with dynamic shapes; for GPUs.
+
+    ``attention``: ``buckets`` (the length buckets above, padded within a bucket, a key mask over the padding)
+    or ``packed``: every pair's real cells in one packed row, no padding and no mask, attention by
+    :func:`~trm_lightning.models.layers.packed_attention` (flash attention over variable lengths on a CUDA
+    device in half precision; a padded reference elsewhere). Same output; ``transform="cross"`` is not packed.
     """
 
     def __init__(
@@ -89,8 +104,14 @@ class DemoGridEncoder(nn.Module):
         crop_buckets: int = 16,
         transform: str = "concat",
         compile: bool = False,
+        attention: str = "buckets",
     ) -> None:
         super().__init__()
+        if attention not in ATTENTION_LAYOUTS:
+            raise ValueError(f"attention must be one of {ATTENTION_LAYOUTS}, got {attention!r}")
+        if attention == "packed" and transform == "cross":
+            raise ValueError("attention='packed' does not support transform='cross' (its per-grid masks); use buckets")
+        self.attention = attention
         if pooling not in POOLING_METHODS:
             raise ValueError(f"pooling must be one of {POOLING_METHODS}, got {pooling!r}")
         if transform not in TRANSFORMS:
@@ -142,6 +163,8 @@ class DemoGridEncoder(nn.Module):
             segments.append(torch.where(both, inputs * self.vocab_size + outputs, PAD))
         tokens = torch.cat(segments, dim=1)  # (N, segments * S*S)
         real = tokens != PAD  # EOS and colours count, PAD does not
+        if self.attention == "packed" and tokens.shape[0] > 0:
+            return self._encode_packed(tokens, real)
         encode = (lambda *a: _compiled_encode()(self, *a)) if self.use_compile else self._encode
         if self.crop_buckets <= 0 or tokens.shape[0] == 0:
             return encode(tokens, None, real)
@@ -169,13 +192,7 @@ class DemoGridEncoder(nn.Module):
         if positions is None:
             positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
         segment = positions // self.cells  # 0 input, 1 output, 2 diff
-        embeds = [self.input_embed, self.output_embed] + ([self.diff_embed] if self.transform == "diff" else [])
-        h = None
-        for i, embed in enumerate(embeds):
-            mine = segment == i
-            part = embed(torch.where(mine, tokens, PAD)) * mine.unsqueeze(-1)
-            h = part if h is None else h + part
-        h = h * self.embed_scale
+        h = self._embed(tokens, segment)
         rope = self.rope(positions)
         attend = mask
         if self.transform == "cross":  # each grid attends within itself
@@ -189,6 +206,44 @@ class DemoGridEncoder(nn.Module):
         if self.norm_style == "pre":
             h = rms_norm(h, self.eps)
         return self.pool_proj(self._pool(h, pool_mask))
+
+    def _embed(self, tokens: Tensor, segment: Tensor) -> Tensor:
+        """Token embeddings (..., L, D) x sqrt(D), each token by its segment's table (input, output, diff)."""
+        embeds = [self.input_embed, self.output_embed] + ([self.diff_embed] if self.transform == "diff" else [])
+        h = None
+        for i, embed in enumerate(embeds):
+            mine = segment == i
+            part = embed(torch.where(mine, tokens, PAD)) * mine.unsqueeze(-1)
+            h = part if h is None else h + part
+        return h * self.embed_scale
+
+    def _encode_packed(self, tokens: Tensor, real: Tensor) -> Tensor:
+        """``attention="packed"``: the real cells of every pair in one row (1, T, D), each pair attending within
+        itself, then pooled per pair -> (N, D). One host sync (the longest pair)."""
+        lengths = real.sum(1)
+        pair, positions = real.nonzero(as_tuple=True)  # grouped by pair, canvas order within it
+        max_len = max(1, int(lengths.max()))
+        layout = PackedLayout.self_attention(lengths, max_len)
+        h = self._embed(tokens[pair, positions][None], (positions // self.cells)[None])
+        rope = self.rope(positions[None])
+        for layer in self.layers:
+            h = layer(h, rope, layout)
+        if self.norm_style == "pre":
+            h = rms_norm(h, self.eps)
+        h = h[0]  # (T, D)
+        n = tokens.shape[0]
+        if self.pooling == "mean":
+            pooled = h.new_zeros(n, h.shape[-1]).index_add_(0, pair, h) / lengths.clamp_min(1).to(h.dtype)[:, None]
+        elif self.pooling == "attention":
+            q = self.pool_query.to(h.dtype).expand(1, n, -1)
+            pooled = self.pool_attn(q, h[None], layout.pooling(lengths, max_len))[0]
+        else:  # weighted: a softmax over each pair's cells
+            scores = self.pool_score(h).squeeze(-1).float()
+            top = scores.new_full((n,), float("-inf")).scatter_reduce(0, pair, scores, "amax")
+            e = (scores - top[pair]).exp()
+            weights = (e / e.new_zeros(n).index_add_(0, pair, e)[pair]).to(h.dtype)
+            pooled = h.new_zeros(n, h.shape[-1]).index_add_(0, pair, weights[:, None] * h)
+        return self.pool_proj(pooled)
 
     def _pool(self, h: Tensor, key_mask: Tensor) -> Tensor:
         if self.pooling == "mean":
@@ -260,9 +315,13 @@ class StandardDemoEncoder(Conditioner):
         crop_buckets: encode only the real cells of each demo pair, sorted into this many length buckets (0 = the
             whole canvas; the output is the same, only the compute differs). 16 measured fastest on an H200 at the
             ARC config (benchmarks/RESULTS.md: 2, 4, 8, 16, 32).
+        attention: how the grid encoder's attention skips the padding: ``buckets`` (``crop_buckets`` length
+            buckets, a key mask within each) or ``packed`` (every pair's real cells in one packed sequence, no
+            mask: flash attention over variable lengths on a GPU in bf16/fp16). The same output either way; not
+            with ``transform: cross``.
     """
 
-    runtime_options = ("crop_buckets",)
+    runtime_options = ("crop_buckets", "attention")
 
     def __init__(
         self,
@@ -275,9 +334,12 @@ class StandardDemoEncoder(Conditioner):
         transform: Literal["concat", "diff", "cross"] = "concat",
         test_conditioning: bool = False,
         crop_buckets: int = 16,
+        attention: Literal["buckets", "packed"] = "buckets",
     ) -> None:
         super().__init__()
         key = "model.conditioner."
+        if attention == "packed" and transform == "cross":
+            raise ConfigError(f"{key}attention=packed does not support {key}transform=cross; use attention=buckets")
         check_at_least(key + "num_layers", num_layers, 0)
         check_at_least(key + "set_layers", set_layers, 1)  # 0 would leave the context blind to the demos
         check_at_least(key + "layer_scale_init", layer_scale_init, 0)
@@ -287,6 +349,7 @@ class StandardDemoEncoder(Conditioner):
         self.grid_encoder = DemoGridEncoder(
             D, shape.num_heads, num_layers, shape.canvas_size, shape.vocab_size, shape.expansion, pooling_method,
             norm_style, layer_scale_init, crop_buckets=crop_buckets, transform=transform, compile=shape.compile,
+            attention=attention,
         )
         self.test_conditioning = test_conditioning
         if test_conditioning:  # marks the query's slot in the set encoder's memory

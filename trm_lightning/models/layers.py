@@ -9,11 +9,17 @@ Shapes: B batch, L sequence, D hidden, H heads, Dh head dim.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
+
+try:  # flash attention over variable-length sequences (CUDA; torch >= 2.10)
+    from torch.nn.attention.varlen import varlen_attn as _varlen_attn
+except ImportError:  # pragma: no cover - older torch: the padded reference path serves
+    _varlen_attn = None
 
 # std of a standard normal truncated at +-2 sigma: dividing by it gives the requested std after truncation
 _TRUNC_STD_AT_2 = 0.87962566103423978
@@ -100,6 +106,66 @@ def _key_mask_to_attn(key_mask: Tensor | None) -> Tensor | None:
     return key_mask[:, None] if key_mask.dim() == 3 else key_mask[:, None, None, :]
 
 
+@dataclass(frozen=True)
+class PackedLayout:
+    """Where each sequence lies in a packed row, for attention without padding: sequence ``i`` holds the tokens
+    ``cu_q[i]:cu_q[i+1]`` of the queries and ``cu_k[i]:cu_k[i+1]`` of the keys (self-attention: the same layout).
+
+    Passed where a key mask would go (``Attention``/``CrossAttention``/``Block`` ``key_mask=``), with the packed
+    tensors as one row ``(1, T, D)``. On a CUDA device with half-precision inputs it runs
+    ``torch.nn.attention.varlen.varlen_attn`` (flash attention over variable lengths, no mask and no padding);
+    elsewhere it pads each sequence to the longest, masks the padding and runs SDPA, the same numbers as the
+    masked path (the reference the tests compare against).
+    """
+
+    cu_q: Tensor  # (n + 1,) int32 cumulative query lengths
+    cu_k: Tensor  # (n + 1,) int32 cumulative key lengths
+    max_q: int
+    max_k: int
+
+    @classmethod
+    def self_attention(cls, lengths: Tensor, max_len: int) -> "PackedLayout":
+        cu = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+        return cls(cu, cu, max_len, max_len)
+
+    def pooling(self, lengths: Tensor, max_len: int) -> "PackedLayout":
+        """One query per sequence (a learned pooling query) over the keys of ``lengths``."""
+        n = lengths.shape[0]
+        return PackedLayout(torch.arange(n + 1, device=lengths.device, dtype=torch.int32),
+                            F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32), 1, max_len)
+
+
+def _packed_index(cu: Tensor, total: int) -> tuple[Tensor, Tensor]:
+    """(sequence, position within it) of each of the ``total`` packed tokens."""
+    tokens = torch.arange(total, device=cu.device)
+    seq = torch.searchsorted(cu[1:].long(), tokens, right=True)
+    return seq, tokens - cu.long()[seq]
+
+
+def packed_attention(q: Tensor, k: Tensor, v: Tensor, layout: PackedLayout) -> Tensor:
+    """(1, H, Tq, Dh) packed queries over (1, H, Tk, Dh) packed keys/values -> (1, H, Tq, Dh), each sequence
+    attending only within itself."""
+    if q.is_cuda and _varlen_attn is not None and q.dtype in (torch.float16, torch.bfloat16):
+        out = _varlen_attn(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), layout.cu_q,
+                           layout.cu_k, layout.max_q, layout.max_k)
+        return out.transpose(0, 1).unsqueeze(0)
+    n = layout.cu_q.shape[0] - 1
+    H, Dh = q.shape[1], q.shape[3]
+    seq_q, at_q = _packed_index(layout.cu_q, q.shape[2])
+    seq_k, at_k = _packed_index(layout.cu_k, k.shape[2])
+
+    def unpack(x: Tensor, seq: Tensor, at: Tensor, width: int) -> Tensor:
+        out = x.new_zeros(n, width, H, Dh)
+        out[seq, at] = x[0].transpose(0, 1)
+        return out.transpose(1, 2)  # (n, H, width, Dh)
+
+    valid = torch.zeros(n, layout.max_k, dtype=torch.bool, device=k.device)
+    valid[seq_k, at_k] = True
+    out = F.scaled_dot_product_attention(unpack(q, seq_q, at_q, layout.max_q), unpack(k, seq_k, at_k, layout.max_k),
+                                         unpack(v, seq_k, at_k, layout.max_k), attn_mask=valid[:, None, None, :])
+    return out.transpose(1, 2)[seq_q, at_q].transpose(0, 1).unsqueeze(0)
+
+
 class _MultiHead(nn.Module):
     """Head bookkeeping and the output projection shared by self- and cross-attention."""
 
@@ -111,9 +177,13 @@ class _MultiHead(nn.Module):
         self.head_dim = hidden_size // num_heads
         self.o_proj = lecun_linear(hidden_size, hidden_size)
 
-    def _attend(self, q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None) -> Tensor:
-        """(B, H, Lq, Dh) queries over (B, H, Lk, Dh) keys/values -> (B, Lq, D) after o_proj."""
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=_key_mask_to_attn(key_mask))
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | PackedLayout | None) -> Tensor:
+        """(B, H, Lq, Dh) queries over (B, H, Lk, Dh) keys/values -> (B, Lq, D) after o_proj; a
+        :class:`PackedLayout` instead of a key mask: packed sequences (B = 1), each attending within itself."""
+        if isinstance(key_mask, PackedLayout):
+            out = packed_attention(q, k, v, key_mask)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=_key_mask_to_attn(key_mask))
         return self.o_proj(rearrange(out, "b h l d -> b l (h d)"))
 
 
