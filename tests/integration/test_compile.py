@@ -11,9 +11,12 @@ from tests.integration.helpers import build_tiny
 pytestmark = pytest.mark.slow
 
 
-def test_compiled_model_matches_eager(tmp_path, synthetic_task_dir, synthetic_eval_dir, one_thread):
-    eager = build_tiny(synthetic_task_dir, synthetic_eval_dir, tmp_path / "a")
-    compiled = build_tiny(synthetic_task_dir, synthetic_eval_dir, tmp_path / "b", "--model.compile=true")
+@pytest.mark.parametrize("attention", ["buckets", "packed"])
+def test_compiled_model_matches_eager(tmp_path, synthetic_task_dir, synthetic_eval_dir, one_thread, attention):
+    layout = f"--model.conditioner.attention={attention}"
+    eager = build_tiny(synthetic_task_dir, synthetic_eval_dir, tmp_path / "a", layout)
+    compiled = build_tiny(synthetic_task_dir, synthetic_eval_dir, tmp_path / "b", "--model.compile=true", layout)
+    assert compiled.model.model.conditioner.grid_encoder.attention == attention
     assert compiled.model.model.trm.use_compile and compiled.model.model.conditioner.grid_encoder.use_compile
     compiled.model.load_state_dict(eager.model.state_dict())
     eager.datamodule.setup("fit")

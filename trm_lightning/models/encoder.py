@@ -60,6 +60,18 @@ def _compiled_encode():
     return _compiled_encode_fn
 
 
+_compiled_packed_fn = None
+
+
+def _compiled_packed():
+    """``torch.compile`` of :meth:`DemoGridEncoder._packed_body` (the packed path's layers and pooling), dynamic
+    shapes, made once per process; the packing itself (a ``nonzero`` and the one host sync) stays eager."""
+    global _compiled_packed_fn
+    if _compiled_packed_fn is None:
+        _compiled_packed_fn = torch.compile(DemoGridEncoder._packed_body, dynamic=True)
+    return _compiled_packed_fn
+
+
 def _any_or_all(preferred: Tensor, fallback: Tensor) -> Tensor:
     """``preferred`` (N, L) where a row has any True, else that row of ``fallback`` (never an empty mask)."""
     return torch.where(preferred.any(dim=1, keepdim=True), preferred, fallback)
@@ -223,15 +235,22 @@ class DemoGridEncoder(nn.Module):
         lengths = real.sum(1)
         pair, positions = real.nonzero(as_tuple=True)  # grouped by pair, canvas order within it
         max_len = max(1, int(lengths.max()))
-        layout = PackedLayout.self_attention(lengths, max_len)
-        h = self._embed(tokens[pair, positions][None], (positions // self.cells)[None])
+        cu = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+        body = (lambda *a: _compiled_packed()(self, *a)) if self.use_compile else self._packed_body
+        return body(tokens[pair, positions], positions, pair, lengths, cu, max_len)
+
+    def _packed_body(self, tokens: Tensor, positions: Tensor, pair: Tensor, lengths: Tensor, cu: Tensor,
+                     max_len: int) -> Tensor:
+        """The packed path after packing: (T,) tokens at canvas ``positions`` of pairs ``pair`` -> (N, D)."""
+        layout = PackedLayout(cu, cu, max_len, max_len)
+        h = self._embed(tokens[None], (positions // self.cells)[None])
         rope = self.rope(positions[None])
         for layer in self.layers:
             h = layer(h, rope, layout)
         if self.norm_style == "pre":
             h = rms_norm(h, self.eps)
         h = h[0]  # (T, D)
-        n = tokens.shape[0]
+        n = lengths.shape[0]
         if self.pooling == "mean":
             pooled = h.new_zeros(n, h.shape[-1]).index_add_(0, pair, h) / lengths.clamp_min(1).to(h.dtype)[:, None]
         elif self.pooling == "attention":
