@@ -83,6 +83,21 @@ CONDITIONERS = {"encoder": "StandardDemoEncoder", "puzzle_emb": "PuzzleEmbedding
 RUN_VERSION = "bench"  # runs land in <out>/<conditioning>/bench/ (replaced by the next run)
 
 
+def add_task_arguments(p: argparse.ArgumentParser, families_default: list[str] | None = None,
+                       families_help: str = "rule families (default: all)") -> None:
+    """The options that decide the benchmark's tasks (:func:`make_tasks`), shared with ``sweep_fewshot.py``."""
+    p.add_argument("--train-tasks", type=int, default=4000, help="written training tasks (over the training rules)")
+    p.add_argument("--heldout-tasks", type=int, default=None,
+                   help="held-out tasks, round robin over the held-out rules (default: two per rule)")
+    p.add_argument("--new-tasks", type=int, default=None,
+                   help="new tasks of the training rules, the `train` number (default: one per training rule)")
+    p.add_argument("--heldout-fraction", type=float, default=0.25, help="share of each family's rules held out")
+    p.add_argument("--families", nargs="+", default=families_default, choices=FEWSHOT_FAMILIES, help=families_help)
+    p.add_argument("--demos", type=int, default=3, help="demo pairs per task")
+    p.add_argument("--max-side", type=int, default=6, help="largest grid side (the canvas is the config's)")
+    p.add_argument("--seed", type=int, default=0, help="task generation and training seed")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=str(CONFIG), help="the trm config both fits start from")
@@ -91,20 +106,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None, help="encoder-TRM training steps (default: the config's)")
     p.add_argument("--baseline-steps", type=int, default=None,
                    help="puzzle-id baseline training steps (default: the same as --steps)")
-    p.add_argument("--train-tasks", type=int, default=4000, help="written training tasks (over the training rules)")
     p.add_argument("--fresh-tasks", action=argparse.BooleanOptionalAction, default=None,
                    help="encoder-TRM trains on tasks generated on the fly (data.fresh_tasks: data.episodes_per_epoch "
                         "new tasks every epoch, never repeated) instead of the written ones (default: the config's)")
-    p.add_argument("--heldout-tasks", type=int, default=None,
-                   help="held-out tasks, round robin over the held-out rules (default: two per rule)")
-    p.add_argument("--new-tasks", type=int, default=None,
-                   help="new tasks of the training rules, the `train` number (default: one per training rule)")
-    p.add_argument("--heldout-fraction", type=float, default=0.25, help="share of each family's rules held out")
-    p.add_argument("--families", nargs="+", default=None, choices=FEWSHOT_FAMILIES,
-                   help="rule families (default: the config's data.fresh_tasks families, else all)")
-    p.add_argument("--demos", type=int, default=3, help="demo pairs per task")
-    p.add_argument("--max-side", type=int, default=6, help="largest grid side (the canvas is the config's)")
-    p.add_argument("--seed", type=int, default=0, help="task generation and training seed")
+    add_task_arguments(p, families_help="rule families (default: the config's data.fresh_tasks families, else all)")
     p.add_argument("--models", nargs="+", default=list(CONDITIONERS), choices=list(CONDITIONERS),
                    help="which fits to run (the verdict needs both)")
     p.add_argument("--jobs", type=int, default=2, choices=(1, 2),

@@ -72,14 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-puzzle-emb", action="store_true", help="skip the puzzle-id baseline fit")
     p.add_argument("--no-diagnostics", action="store_true",
                    help=f"train without {DIAGNOSTICS.relative_to(ROOT)} (encoder statistics, grad norms, reliance)")
-    p.add_argument("--train-tasks", type=int, default=4000, help="written training tasks (as make bench-fewshot)")
-    p.add_argument("--heldout-tasks", type=int, default=None, help="held-out tasks (default: two per held-out rule)")
-    p.add_argument("--new-tasks", type=int, default=None, help="new tasks of training rules (default: one per rule)")
-    p.add_argument("--heldout-fraction", type=float, default=0.25)
-    p.add_argument("--families", nargs="+", default=list(FEWSHOT_FAMILIES), choices=FEWSHOT_FAMILIES)
-    p.add_argument("--demos", type=int, default=3)
-    p.add_argument("--max-side", type=int, default=6)
-    p.add_argument("--seed", type=int, default=0, help="task generation and training seed")
+    bench.add_task_arguments(p, families_default=list(FEWSHOT_FAMILIES))  # the benchmark's tasks, same defaults
     p.add_argument("--jobs", type=int, default=2, help="fits at a time")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads per fit")
     p.add_argument("--out", default=str(ROOT / "runs" / "sweep_fewshot"), help="data, runs and logs go here")
