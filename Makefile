@@ -40,7 +40,7 @@ bench: install  ## speed: train step + encoder overhead, eval rollout, data load
 bench-fewshot: install  ## held-out rules on the CPU: encoder-TRM (real vs shuffled context) and the puzzle-id baseline
 	$(BIN)/python benchmarks/bench_fewshot.py
 
-sweep-fewshot: install  ## the seed's experiment table on the held-out-rule benchmark: one fit per row (~70 min), then trm report
+sweep-fewshot: install  ## the seed's experiment table on the held-out-rule benchmark: one fit per row (2 h on 2 shared cores), then trm report
 	$(BIN)/python benchmarks/sweep_fewshot.py
 
 bench-tta: install  ## test-time adaptation on the held-out rules: the model `make bench-fewshot` trained, each method, gains with CIs

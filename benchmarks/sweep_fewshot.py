@@ -1,6 +1,6 @@
 """The seed's experiment table on the held-out-rule benchmark (``make sweep-fewshot``): one fit per row, scored.
 
-    python benchmarks/sweep_fewshot.py                         # every row of configs/fewshot/sweep/, ~60-70 min
+    python benchmarks/sweep_fewshot.py                         # every row of configs/fewshot/sweep/: 7158 s, 2 cores
     python benchmarks/sweep_fewshot.py --rows E0_baseline E7_attention_pooling --steps 300   # a subset
 
 Every row is ``configs/fewshot_cpu.yaml`` + one overlay of ``configs/fewshot/sweep/`` (its opening comment line is
