@@ -136,6 +136,18 @@ def _real_grids(n, seed=0):
     return torch.stack(ins).view(n // 4, 4, S * S), torch.stack(outs).view(n // 4, 4, S * S)
 
 
+def _assert_same_encoding(reference, other, di, do, mask):
+    """Two encoders with the same weights give the same context (atol 2e-5) and the same gradients."""
+    ref, out = reference.encode(di, do, mask), other.encode(di, do, mask)
+    assert torch.allclose(out, ref, atol=2e-5), (out - ref).abs().max()
+    g_ref = torch.autograd.grad(ref.square().sum(), list(reference.parameters()), allow_unused=True)
+    g_out = torch.autograd.grad(out.square().sum(), list(other.parameters()), allow_unused=True)
+    for a, b in zip(g_ref, g_out):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert torch.allclose(a, b, atol=1e-4, rtol=1e-3)
+
+
 @pytest.mark.parametrize("pooling", ["mean", "attention", "weighted"])
 @pytest.mark.parametrize("norm_style", ["post", "pre"])
 def test_cropped_encoding_equals_the_full_canvas(pooling, norm_style):
@@ -145,16 +157,7 @@ def test_cropped_encoding_equals_the_full_canvas(pooling, norm_style):
     cropped = _encoder(pooling_method=pooling, norm_style=norm_style, crop_buckets=3)
     assert torch.equal(torch.cat([p.flatten() for p in full.parameters()]),
                        torch.cat([p.flatten() for p in cropped.parameters()]))
-    ref = full.encode(di, do, mask)
-    out = cropped.encode(di, do, mask)
-    assert torch.allclose(out, ref, atol=2e-5), (out - ref).abs().max()
-    # and the gradients agree too
-    g_full = torch.autograd.grad(ref.square().sum(), list(full.parameters()), allow_unused=True)
-    g_crop = torch.autograd.grad(out.square().sum(), list(cropped.parameters()), allow_unused=True)
-    for a, b in zip(g_full, g_crop):
-        assert (a is None) == (b is None)
-        if a is not None:
-            assert torch.allclose(a, b, atol=1e-4, rtol=1e-3)
+    _assert_same_encoding(full, cropped, di, do, mask)
 
 
 @pytest.mark.parametrize("pooling, norm_style, transform", [
@@ -166,15 +169,7 @@ def test_packed_attention_equals_the_bucketed_encoding(pooling, norm_style, tran
     di, do = _real_grids(12)
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0]], dtype=torch.bool)
     knobs = dict(pooling_method=pooling, norm_style=norm_style, transform=transform)
-    buckets, packed = _encoder(crop_buckets=3, **knobs), _encoder(attention="packed", **knobs)
-    ref, out = buckets.encode(di, do, mask), packed.encode(di, do, mask)
-    assert torch.allclose(out, ref, atol=2e-5), (out - ref).abs().max()
-    g_ref = torch.autograd.grad(ref.square().sum(), list(buckets.parameters()), allow_unused=True)
-    g_out = torch.autograd.grad(out.square().sum(), list(packed.parameters()), allow_unused=True)
-    for a, b in zip(g_ref, g_out):
-        assert (a is None) == (b is None)
-        if a is not None:
-            assert torch.allclose(a, b, atol=1e-4, rtol=1e-3)
+    _assert_same_encoding(_encoder(crop_buckets=3, **knobs), _encoder(attention="packed", **knobs), di, do, mask)
 
 
 def test_packed_attention_keeps_sequences_apart():
