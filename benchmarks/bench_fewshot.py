@@ -37,6 +37,8 @@ puzzle_emb_baseline=<c>/<n> train=<d>/<m>`` or ``fewshot: FAIL ... (<why>)`` wit
 heldout >= 50%, shuffled <= 5%, baseline <= 5%. Above it: per-family counts and cell accuracies. Extra ``trm``
 options for both fits go after ``--``, e.g. ``-- --model.hidden_size=96``; ``--encoder-config FILE`` adds a YAML
 (an experiment overlay) to the encoder fit only. ``--record FILE`` appends the numbers as one JSON line.
+``--curve-every N`` keeps a checkpoint of the encoder fit every N steps and scores each one after the fit, as the
+final model is scored (``fewshot curve step=<s> heldout=<a>/<n> ...`` lines): the budget curve of the gate's numbers.
 
 The functions :func:`make_tasks`, :func:`query_batch`, :func:`score`, :func:`shuffled_context` and :func:`verdict`
 are the benchmark's pieces for other scripts (test-time adaptation is measured on the same tasks and scores).
@@ -81,6 +83,7 @@ from trm_lightning.run_files import FEWSHOT_EVAL_FILE, LAST_CHECKPOINT, checkpoi
 CONFIG = ROOT / "configs" / "fewshot_cpu.yaml"
 CONDITIONERS = {"encoder": "StandardDemoEncoder", "puzzle_emb": "PuzzleEmbedding"}  # run label -> model.conditioner
 RUN_VERSION = "bench"  # runs land in <out>/<conditioning>/bench/ (replaced by the next run)
+CURVE_CHECKPOINT = "curve_step"  # --curve-every's checkpoints: checkpoints/curve_step<global step>.ckpt
 
 
 def add_task_arguments(p: argparse.ArgumentParser, families_default: list[str] | None = None,
@@ -121,6 +124,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-baseline", type=float, default=0.05, help="target: puzzle-id baseline exact at most this")
     p.add_argument("--out", default=str(ROOT / "runs" / "fewshot"), help="task directories and run logs go here")
     p.add_argument("--record", default=None, help="append the numbers as one JSON line to this file")
+    p.add_argument("--curve-every", type=int, default=None, metavar="N",
+                   help="the encoder fit also keeps a checkpoint every N steps; each is scored after the fit (a "
+                        "`fewshot curve step=...` line per checkpoint, and `curve` in fewshot_eval.json): is the "
+                        "recipe still learning when the budget ends?")
     p.add_argument("overrides", nargs="*", help="extra trm options for both fits, after --")
     return p.parse_args(argv)
 
@@ -172,6 +179,10 @@ def fit_command(args: argparse.Namespace, data: Path, conditioning: str, steps: 
     (default: ``--encoder-config`` for the encoder fit)."""
     if extra is None:
         extra = args.encoder_config if conditioning == "encoder" else []
+    curve = []
+    if conditioning == "encoder" and getattr(args, "curve_every", None):
+        curve = [f"--checkpoint.every_n_train_steps={args.curve_every}", "--checkpoint.monitor=null",
+                 "--checkpoint.save_top_k=-1", f"--checkpoint.filename={CURVE_CHECKPOINT}{{step}}"]
     fresh = ["--data.fresh_tasks=null"]  # the baseline (a puzzle id needs a task that repeats), or --no-fresh-tasks
     if conditioning == "encoder" and args.fresh_tasks:  # the same split as the written held-out tasks
         fresh = [f"--data.fresh_tasks.families=[{','.join(args.families)}]",
@@ -191,6 +202,7 @@ def fit_command(args: argparse.Namespace, data: Path, conditioning: str, steps: 
         f"--trainer.logger.init_args.version={version}",
         *([] if steps is None else [f"--trainer.max_steps={steps}"]),
         *fresh,
+        *curve,
         *args.overrides,
         # last: choosing another conditioner class drops the encoder knobs the overrides may set
         f"--model.conditioner={CONDITIONERS[conditioning]}",
@@ -320,6 +332,29 @@ def evaluate_baseline(model, held_batch: dict, new_batch: dict) -> dict[str, Sco
     return {"puzzle_emb_baseline": score(model, held_batch), "baseline_new": score(model, new_batch)}
 
 
+def curve_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """``--curve-every``'s checkpoints of a run, as (global step, path), in step order."""
+    found = []
+    for path in Path(checkpoint_dir(run_dir)).glob(f"{CURVE_CHECKPOINT}*.ckpt"):
+        step = path.stem[len(CURVE_CHECKPOINT):]
+        if step.isdigit():
+            found.append((int(step), path))
+    return sorted(found)
+
+
+def score_curve(run_dir: Path, tasks: FewshotTasks, held_batch: dict, new_batch: dict) -> list[dict]:
+    """Every ``--curve-every`` checkpoint of the encoder fit scored as the final model is: per step, ``[solved, n,
+    cell accuracy]`` of ``heldout``, ``shuffled_context`` and ``train``; prints one ``fewshot curve`` line each."""
+    curve = []
+    for step, path in curve_checkpoints(run_dir):
+        model = TRMLitModule.load_from_checkpoint(path, map_location="cpu").eval()
+        scores = evaluate_encoder(model, tasks, held_batch, new_batch)
+        curve.append({"step": step, **{name: [sc.count(), sc.n, float(sc.cell.mean())] for name, sc in scores.items()}})
+        print(f"fewshot curve step={step} " + " ".join(
+            f"{name}={sc.count()}/{sc.n} cell={float(sc.cell.mean()):.3f}" for name, sc in scores.items()), flush=True)
+    return curve
+
+
 def write_fewshot_eval(run_dir: Path, scores: dict[str, Score], tasks: FewshotTasks, **extra) -> Path:
     """``<run_dir>/fewshot_eval.json`` (:data:`~trm_lightning.run_files.FEWSHOT_EVAL_FILE`): per score its exact
     count, queries and mean cell accuracy, and the task split; ``trm report`` reads it."""
@@ -429,9 +464,13 @@ def main(argv: list[str] | None = None) -> tuple[bool, str]:
             scores.update(evaluate_encoder(model, tasks, held_batch, new_batch))
         else:
             scores.update(evaluate_baseline(model, held_batch, new_batch))
+    curve = []
+    if "encoder" in fits and args.curve_every:
+        curve = score_curve(fits["encoder"][0], tasks, held_batch, new_batch)
     eval_s = time.perf_counter() - start
     if "encoder" in fits:
-        write_fewshot_eval(fits["encoder"][0], scores, tasks, fit_seconds=fits["encoder"][1])
+        write_fewshot_eval(fits["encoder"][0], scores, tasks, fit_seconds=fits["encoder"][1],
+                           **({"curve": curve} if curve else {}))
 
     # ---- report
     if held_batch is not None:
@@ -444,7 +483,8 @@ def main(argv: list[str] | None = None) -> tuple[bool, str]:
         record = {"argv": argv if argv is not None else sys.argv[1:], "passed": passed, "line": line,
                   "fit_seconds": {name: s for name, (_, s) in fits.items()},
                   "total_seconds": time.perf_counter() - wall,
-                  **{name: [sc.count(), sc.n, float(sc.cell.mean())] for name, sc in scores.items()}}
+                  **{name: [sc.count(), sc.n, float(sc.cell.mean())] for name, sc in scores.items()},
+                  **({"curve": curve} if curve else {})}
         with open(args.record, "a") as handle:
             handle.write(json.dumps(record) + "\n")
     print(line, flush=True)

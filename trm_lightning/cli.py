@@ -254,9 +254,10 @@ class TRMCLI(LightningCLI):
                 "data.max_eval_puzzles is 0, or no test output is known; see the eval: line above), so validation "
                 "has nothing to score; set --trainer.limit_val_batches 0 to train without it"
             )
-        if trainer.limit_val_batches == 0:
+        best = self._get(self.config_init, "checkpoint")
+        if trainer.limit_val_batches == 0 and best is not None and best.monitor is not None:
             # nothing to monitor: the best-validation checkpoint would be named after a metric that never exists
-            best = self._get(self.config_init, "checkpoint")
+            # (one with monitor=null, a checkpoint every N steps, still runs)
             trainer.callbacks[:] = [cb for cb in trainer.callbacks if cb is not best]
 
     def before_validate(self) -> None:

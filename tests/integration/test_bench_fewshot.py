@@ -81,3 +81,27 @@ def test_bench_fewshot_fresh_tasks_fit(tmp_path, capsys, one_thread):
     assert "generated on the fly" in log
     config = (tmp_path / "encoder" / "bench" / "config.yaml").read_text()
     assert "fresh_tasks:" in config and "split_seed: 0" in config
+
+
+def test_bench_fewshot_curve_scores_every_kept_checkpoint(tmp_path, capsys, one_thread):
+    """``--curve-every 2`` over 4 steps keeps the checkpoints of steps 2 and 4 (validation is off, so the periodic
+    checkpoint must survive without a metric to monitor) and scores each; the step-4 point is the final model,
+    so it equals the final scores exactly."""
+    import json
+
+    bench = _driver()
+    bench.main(["--steps", "4", "--curve-every", "2", "--train-tasks", "24", "--heldout-tasks", "8", "--new-tasks", "6",
+                "--models", "encoder", "--families", "recolour", "tile", "--out", str(tmp_path), *TINY])
+    printed = capsys.readouterr().out.splitlines()
+    curve_lines = [row for row in printed if row.startswith("fewshot curve ")]
+    assert [row.split()[2] for row in curve_lines] == ["step=2", "step=4"]
+    run = tmp_path / "encoder" / "bench"
+    assert sorted(p.name for p in (run / "checkpoints").glob("curve_step*.ckpt")) == ["curve_step2.ckpt",
+                                                                                       "curve_step4.ckpt"]
+    record = json.loads((run / "fewshot_eval.json").read_text())
+    assert [point["step"] for point in record["curve"]] == [2, 4]
+    last = record["curve"][-1]
+    for name in ("heldout", "shuffled_context", "train"):
+        final = record["scores"][name]
+        assert last[name] == [final["solved"], final["n"], final["cell_accuracy"]], name
+    assert last["heldout"][1] == 8 and last["train"][1] == 6
