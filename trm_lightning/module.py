@@ -42,7 +42,7 @@ from trm_lightning.models.encoder_trm import EncoderTRM
 from trm_lightning.models.trm import ACTCarry, TinyRecursiveModel
 from trm_lightning.optim import TRMSchedule, build_optimizer, named_param_groups
 from trm_lightning.pretrained import load_trm_weights, provenance
-from trm_lightning.regularisers import demo_subset_contrastive_loss
+from trm_lightning.regularisers import contrastive_views, info_nce
 from trm_lightning.trainer_state import ignore_in_ddp, is_logging_step
 from trm_lightning.vocab import VOCAB_SIZE
 
@@ -147,6 +147,9 @@ class TRMLitModule(LightningModule):
             token at the same place weighs this much, the others 1 (each row's cross-entropy is the weighted mean).
             1 (the default) is TRM's loss. Against the copy-the-input optimum: on most rules most cells are copied,
             so a model that only copies already gets most of the loss right.
+        context_broadcast: the TRM core also adds the mean context token to every grid token's input embedding, so
+            each cell reads the conditioning directly at every latent update, not only by attending to the prefix.
+            False (the default) is TRM's input.
     """
 
     def __init__(
@@ -184,6 +187,7 @@ class TRMLitModule(LightningModule):
         context_contrastive_weight: float = 0.0,
         context_contrastive_temperature: float = 0.1,
         changed_cell_weight: float = 1.0,
+        context_broadcast: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -233,6 +237,7 @@ class TRMLitModule(LightningModule):
             halt_exploration_prob=hp.halt_exploration_prob,
             compile=hp.compile,
             forward_dtype=hp.forward_dtype,
+            context_broadcast=hp.context_broadcast,
         )
         return EncoderTRM(conditioner, trm)
 
@@ -280,7 +285,8 @@ class TRMLitModule(LightningModule):
         hp = self.hparams
         if self._carry is None:
             self._carry = self.model.initial_carry(batch)
-        self._carry, out = self.model.act_step(self._carry, batch)
+        contrastive_on = hp.context_contrastive_weight > 0  # off: not computed, no random draw (bit-identical)
+        self._carry, out = self.model.act_step(self._carry, batch, contrastive_views if contrastive_on else None)
         data, steps, halted = self._carry.data, self._carry.steps, self._carry.halted
         weight = None
         if hp.changed_cell_weight != 1.0:  # off: TRM's loss, bit for bit
@@ -293,8 +299,8 @@ class TRMLitModule(LightningModule):
         )
         total = loss.loss
         logging = is_logging_step(self._trainer)
-        if hp.context_contrastive_weight > 0:  # off: not computed, no random draw (bit-identical training)
-            contrastive = demo_subset_contrastive_loss(self.model.encode, data, hp.context_contrastive_temperature)
+        if contrastive_on:
+            contrastive = info_nce(*out.views, data["task_index"], hp.context_contrastive_temperature)
             total = total + hp.context_contrastive_weight * contrastive
             if logging:
                 self.log(TRAIN_CONTRASTIVE_LOSS, contrastive.detach(), on_step=True, on_epoch=False, sync_dist=True)

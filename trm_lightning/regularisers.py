@@ -8,7 +8,8 @@ negatives). A context that identifies the rule, whichever demos show it, satisfi
 which particular grids were shown (a task's identity, what a memorising decoder could key on) does not. The
 contexts compared are the whole prefix the TRM reads, flattened, on the unit sphere, divided by a temperature.
 
-Cost: two more conditioner passes per training step (with gradient), none in evaluation.
+Cost in training: two more passes of the set encoder per step (with gradient); the demo pairs are encoded once for
+the step's context and both subsets (``EncoderTRM.act_step(..., views=contrastive_views)``). None in evaluation.
 """
 
 from __future__ import annotations
@@ -50,11 +51,19 @@ def info_nce(a: Tensor, b: Tensor, groups: Tensor, temperature: float) -> Tensor
     return 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets))
 
 
+def contrastive_views(batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """The two demo subsets of the loss for ``batch``'s rows (:func:`demo_subsets` of its ``demo_mask``), as the
+    ``views`` that ``EncoderTRM.act_step`` encodes beside the step's context."""
+    return demo_subsets(batch["demo_mask"].bool())
+
+
 def demo_subset_contrastive_loss(
     encode: nn.Module, batch: Mapping[str, Tensor], temperature: float, generator: torch.Generator | None = None
 ) -> Tensor:
     """The demo-subset contrastive loss of the rows of ``batch`` (module docstring); ``encode(batch) -> (B, P, D)``
-    is the conditioner (or ``EncoderTRM.encode``). Rows are grouped by ``task_index``."""
+    is the conditioner (or ``EncoderTRM.encode``), which encodes the batch once per subset. Rows are grouped by
+    ``task_index``. Training gets the same loss from :func:`info_nce` of the contexts of :func:`contrastive_views`
+    that ``act_step`` returns, with the demos encoded once."""
     first, second = demo_subsets(batch["demo_mask"].bool(), generator)
     context_a = encode({**batch, "demo_mask": first})
     context_b = encode({**batch, "demo_mask": second})

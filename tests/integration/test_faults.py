@@ -62,6 +62,9 @@ def test_checkpoint_of_another_config(capsys, tmp_path, finished_run, synthetic_
     line = _error(capsys, "fit", *tiny_args(synthetic_task_dir, synthetic_eval_dir, tmp_path, f"--ckpt_path={last}",
                                             "--trainer.max_steps=4", "--model.hidden_size=64"))
     assert f"--ckpt_path {last}: the checkpoint was trained with another model configuration: hidden_size=32 (config: 64)" in line
+    line = _error(capsys, "fit", *tiny_args(synthetic_task_dir, synthetic_eval_dir, tmp_path, f"--ckpt_path={last}",
+                                            "--trainer.max_steps=4", "--model.context_broadcast=true"))
+    assert "another model configuration: context_broadcast=False (config: True)" in line
     assert _digest(last) == before
 
 

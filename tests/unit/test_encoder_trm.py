@@ -106,3 +106,20 @@ def test_a_copy_adapts_without_touching_the_original():
     with torch.no_grad():
         assert torch.equal(model.rollout(batch).logits, reference)
         assert not torch.equal(adapted.eval().rollout(batch).logits, reference)
+
+
+def test_context_broadcast_adds_the_mean_context_token_to_every_grid_token():
+    """``context_broadcast`` puts the prefix's mean token into every cell's input embedding: with it the grid
+    embeddings move by exactly that mean, a zero context leaves them as TRM's, and the model's answer changes."""
+    model = _model()
+    broadcast = copy.deepcopy(model)
+    broadcast.trm.context_broadcast = True
+    batch = _batch()
+    context = model.encode(batch)
+    plain, spread = model.trm.embed(batch["inputs"], context), broadcast.trm.embed(batch["inputs"], context)
+    assert torch.equal(plain[:, :P], spread[:, :P])  # the prefix itself is unchanged
+    torch.testing.assert_close(spread[:, P:] - plain[:, P:], context.mean(1, keepdim=True).expand(-1, S * S, -1))
+    zero = torch.zeros_like(context)
+    assert torch.equal(model.trm.embed(batch["inputs"], zero), broadcast.trm.embed(batch["inputs"], zero))
+    with torch.no_grad():
+        assert not torch.allclose(model.rollout(batch).logits, broadcast.rollout(batch).logits)

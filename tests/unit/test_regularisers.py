@@ -11,7 +11,7 @@ from tests.integration.helpers import build_tiny, run_tiny
 from trm_lightning.errors import ConfigError
 from trm_lightning.models.conditioning import ConditionerShape
 from trm_lightning.models.encoder import StandardDemoEncoder
-from trm_lightning.regularisers import demo_subset_contrastive_loss, demo_subsets, info_nce
+from trm_lightning.regularisers import contrastive_views, demo_subset_contrastive_loss, demo_subsets, info_nce
 
 
 def test_demo_subsets_are_disjoint_non_empty_and_cover_the_valid_demos():
@@ -89,3 +89,61 @@ def test_training_with_the_loss_logs_it_and_refuses_a_conditioner_without_demos(
                    "--model.conditioner=PuzzleEmbedding")
     with pytest.raises(ConfigError, match="temperature"):
         build_tiny(synthetic_task_dir, synthetic_eval_dir, tmp_path, "--model.context_contrastive_temperature=0")
+
+
+@pytest.mark.parametrize("test_conditioning", [False, True])
+def test_views_from_one_encoding_equal_encoding_each_subset_again(test_conditioning):
+    """``encode_views`` (the demos encoded once, the set encoder once per view) gives the contexts and the gradients
+    of encoding the batch once per demo subset, including a row whose view keeps no demo."""
+    S, D, B, K = 5, 32, 5, 3
+    torch.manual_seed(0)
+    encoder = StandardDemoEncoder(ConditionerShape(hidden_size=D, prefix_len=2, num_heads=4, canvas_size=S),
+                                  num_layers=1, test_conditioning=test_conditioning)
+    g = torch.Generator().manual_seed(3)
+    batch = {"demo_inputs": torch.randint(2, 12, (B, K, S * S), generator=g, dtype=torch.int32),
+             "demo_outputs": torch.randint(2, 12, (B, K, S * S), generator=g, dtype=torch.int32),
+             "demo_mask": torch.tensor([[1, 1, 1], [1, 1, 0], [1, 0, 0], [0, 1, 1], [1, 1, 1]], dtype=torch.bool),
+             "inputs": torch.randint(2, 12, (B, S * S), generator=g, dtype=torch.int32)}
+    a, b = demo_subsets(batch["demo_mask"], torch.Generator().manual_seed(5))
+    b = b.clone()
+    b[4] = False  # a view with no demo at all
+
+    def grads(contexts):
+        encoder.zero_grad()
+        sum((c * torch.randn(c.shape, generator=torch.Generator().manual_seed(i))).sum()
+            for i, c in enumerate(contexts)).backward()
+        return {n: p.grad.clone() for n, p in encoder.named_parameters() if p.grad is not None}
+
+    shared = encoder.encode_views(batch, [a, b])
+    separate = [encoder(batch), encoder({**batch, "demo_mask": a}), encoder({**batch, "demo_mask": b})]
+    for x, y in zip(shared, separate):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+    shared_grads, separate_grads = grads(encoder.encode_views(batch, [a, b])), grads(separate)
+    assert shared_grads.keys() == separate_grads.keys() == {n for n, _ in encoder.named_parameters()}
+    for name in shared_grads:
+        torch.testing.assert_close(shared_grads[name], separate_grads[name], rtol=1e-4, atol=1e-5)  # summation order
+    with pytest.raises(ValueError, match="invalid"):
+        encoder.encode_views(batch, [torch.ones(B, K, dtype=torch.bool)])
+
+
+def test_the_training_step_takes_the_loss_from_the_act_step_views(synthetic_task_dir, synthetic_eval_dir, tmp_path):
+    """The module's contrastive term is InfoNCE of the two subset contexts that ``act_step`` returned, and those are
+    the contexts the conditioner gives each subset on its own."""
+    cli = build_tiny(synthetic_task_dir, synthetic_eval_dir, tmp_path, "--model.context_contrastive_weight=0.5")
+    lit, dm = cli.model, cli.datamodule
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    carry = lit.model.initial_carry(batch)
+    seen = []
+
+    def views(data):
+        seen.append(contrastive_views(data))
+        return seen[-1]
+
+    carry, out = lit.model.act_step(carry, batch, views)
+    (a, b), = seen
+    assert len(out.views) == 2
+    torch.testing.assert_close(out.views[0], lit.model.encode({**carry.data, "demo_mask": a}), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.views[1], lit.model.encode({**carry.data, "demo_mask": b}), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.context, lit.model.encode(carry.data), rtol=1e-5, atol=1e-6)
+    assert lit.model.act_step(lit.model.initial_carry(batch), batch)[1].views == ()

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -72,6 +72,13 @@ class Conditioner(nn.Module, ABC):
     @abstractmethod
     def forward(self, batch: Mapping[str, Tensor]) -> Tensor:
         """The (B, P, D) context of the batch's rows."""
+
+    def encode_views(self, batch: Mapping[str, Tensor], view_masks: Sequence[Tensor]) -> list[Tensor]:
+        """The batch's context, then one context per mask of ``view_masks`` ((B, K) bool, each within the batch's
+        ``demo_mask``): the rows read with only those demos. Equal to ``[self(batch)]`` followed by
+        ``self({**batch, "demo_mask": m})`` for each mask, which is what this default computes; a conditioner that
+        encodes each demo on its own overrides it to encode every demo once for all the views."""
+        return [self(batch)] + [self({**batch, "demo_mask": m}) for m in view_masks]
 
 
 # What ``model.conditioner`` holds: a conditioner class (or a class with some of its knobs bound) that the

@@ -22,7 +22,7 @@ cannot change the output. ``StandardDemoEncoder`` is a :class:`~trm_lightning.mo
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Literal
 
 import torch
@@ -390,6 +390,24 @@ class StandardDemoEncoder(Conditioner):
         With ``test_conditioning`` the query's input grid (B, S*S) is encoded too (as a pair with an empty
         output) and joins the demos in the set encoder's memory, marked by a learned slot vector.
         """
+        vectors, query = self._demo_vectors(demo_inputs, demo_outputs, demo_mask, query_inputs)
+        return self._aggregate(vectors, demo_mask, query)
+
+    def encode_views(self, batch: Mapping[str, Tensor], view_masks: Sequence[Tensor]) -> list[Tensor]:
+        """The batch's context and one per view mask (:meth:`Conditioner.encode_views`), with every demo pair
+        encoded once: the grid encoder reads each pair on its own, so only the set encoder runs once per view."""
+        mask = batch["demo_mask"]
+        for view in view_masks:
+            if (view.bool() & ~mask.bool()).any():
+                raise ValueError("a view mask selects a demo slot that the batch's demo_mask marks invalid")
+        query = batch["inputs"] if self.test_conditioning else None
+        vectors, query = self._demo_vectors(batch["demo_inputs"], batch["demo_outputs"], mask, query)
+        return [self._aggregate(vectors, m, query) for m in (mask, *view_masks)]
+
+    def _demo_vectors(
+        self, demo_inputs: Tensor, demo_outputs: Tensor, demo_mask: Tensor, query_inputs: Tensor | None
+    ) -> tuple[Tensor, Tensor | None]:
+        """One vector per demo slot (B, K, D), zero at invalid slots, and the encoded query (B, D) or None."""
         B, K, T = demo_inputs.shape
         valid = demo_mask.reshape(B * K).nonzero().squeeze(1)  # indices of the valid slots
         ins, outs = demo_inputs.reshape(B * K, T)[valid], demo_outputs.reshape(B * K, T)[valid]
@@ -401,9 +419,15 @@ class StandardDemoEncoder(Conditioner):
         encoded = self.grid_encoder(ins, outs)
         n_demos = valid.shape[0]
         vectors = encoded.new_zeros(B * K, encoded.shape[-1]).index_copy(0, valid, encoded[:n_demos])
-        memory, mask = vectors.view(B, K, -1), demo_mask
-        if self.test_conditioning:
-            query = encoded[n_demos:] + self.query_slot.to(encoded.dtype)
+        query = encoded[n_demos:] + self.query_slot.to(encoded.dtype) if self.test_conditioning else None
+        return vectors.view(B, K, -1), query
+
+    def _aggregate(self, vectors: Tensor, demo_mask: Tensor, query: Tensor | None) -> Tensor:
+        """The set encoder over the demo vectors that ``demo_mask`` keeps (and the query, if any)."""
+        # slots outside the mask must not reach the set encoder's output (they never do through attention, but an
+        # all-masked row attends to its zero vectors): zero them as the per-view encode would have left them
+        memory, mask = vectors * demo_mask.unsqueeze(-1).to(vectors.dtype), demo_mask
+        if query is not None:
             memory = torch.cat([memory, query.unsqueeze(1)], dim=1)
             mask = torch.cat([demo_mask, torch.ones_like(demo_mask[:, :1])], dim=1)
         return self.set_encoder(memory, mask)

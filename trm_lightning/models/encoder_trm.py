@@ -19,7 +19,7 @@ conditioner's (ablations: shuffled or zeroed contexts; test-time adaptation: an 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import NamedTuple
 
 from torch import Tensor, nn
@@ -33,6 +33,7 @@ class StepOutput(NamedTuple):
     logits: Tensor  # (B, S*S, V) token logits of the answer state
     q_halt: Tensor  # (B,) fp32 halting logit ("the answer is right now")
     context: Tensor  # (B, P, D) the prefix the TRM read (with gradient to the conditioner)
+    views: tuple[Tensor, ...] = ()  # (B, P, D) each: the contexts of the demo subsets asked for (``act_step``)
 
 
 class RolloutOutput(NamedTuple):
@@ -66,11 +67,19 @@ class EncoderTRM(nn.Module):
         """A carry of ``batch``'s size with every row halted, so the first :meth:`act_step` loads the whole batch."""
         return self.trm.initial_carry(batch)
 
-    def act_step(self, carry: ACTCarry, batch: Mapping[str, Tensor]) -> tuple[ACTCarry, StepOutput]:
+    def act_step(
+        self,
+        carry: ACTCarry,
+        batch: Mapping[str, Tensor],
+        views: Callable[[Mapping[str, Tensor]], Sequence[Tensor]] | None = None,
+    ) -> tuple[ACTCarry, StepOutput]:
         """One training ACT step (``carry, batch -> carry, outputs``); the new carry's ``data`` holds the rows'
         samples (labels included) and its ``halted`` the rows that finish at this step.
 
         The batch must have the carry's number of rows (a constant per-rank batch size, ``drop_last=True``).
+        ``views``, given the rows' data, returns demo masks ((B, K) bool, within ``demo_mask``); the contexts of
+        the rows read with only those demos come back in ``StepOutput.views``, computed with the step's own
+        context from one encoding of the demos (``Conditioner.encode_views``; the demo-subset contrastive loss).
         """
         rows = batch["inputs"].shape[0]
         if carry.halted.shape[0] != rows:
@@ -80,17 +89,25 @@ class EncoderTRM(nn.Module):
             )
         carry = self.trm.reset_carry(carry, batch)
         data = carry.data
-        context = self.encode(data)  # every row, every step, with gradient
+        if views is None:
+            context, extra = self.encode(data), ()  # every row, every step, with gradient
+        else:
+            context, *extra = self.conditioner.encode_views(data, views(data))
         x = self.trm.embed(data["inputs"], context)
         y, z, logits, q = self.trm(carry.y, carry.z, x)
         steps = carry.steps + 1
         q_halt = q[:, 0]
         halted = self.trm.halt(steps, q_halt.detach())
-        return ACTCarry(y=y, z=z, steps=steps, halted=halted, data=data), StepOutput(logits, q_halt, context)
+        return ACTCarry(y=y, z=z, steps=steps, halted=halted, data=data), StepOutput(logits, q_halt, context, tuple(extra))
 
-    def forward(self, carry: ACTCarry, batch: Mapping[str, Tensor]) -> tuple[ACTCarry, StepOutput]:
+    def forward(
+        self,
+        carry: ACTCarry,
+        batch: Mapping[str, Tensor],
+        views: Callable[[Mapping[str, Tensor]], Sequence[Tensor]] | None = None,
+    ) -> tuple[ACTCarry, StepOutput]:
         """The ACT step (:meth:`act_step`), as TRM's wrapper defines ``forward``."""
-        return self.act_step(carry, batch)
+        return self.act_step(carry, batch, views)
 
     def rollout(self, batch: Mapping[str, Tensor], context: Tensor | None = None) -> RolloutOutput:
         """Evaluation: encode once (unless ``context`` is given), then exactly ``halt_max_steps`` ACT steps from

@@ -84,6 +84,9 @@ class TinyRecursiveModel(nn.Module):
         rms_norm_eps: RMSNorm epsilon.
         compile: run the shared net through ``torch.compile`` (fuses the elementwise work around the
             matrix products: 2.2x faster training steps at the ARC config on an H200).
+        context_broadcast: also add the mean of the prefix tokens to every grid token's embedding, so every cell
+            reads the conditioning in its own residual stream at every recursion step (``x`` is injected at each
+            latent update), not only through attention to the prefix. Off (the default) is TRM's input.
         forward_dtype: the dtype of the embeddings, the initial states, the residual stream and the carry (TRM's
             ``forward_dtype``, bfloat16 in its configs): ``float32`` or ``bfloat16``. Weights stay fp32 and are cast
             at use; RMSNorm and RoPE compute in fp32 and cast back, logits go to the loss in fp64, as TRM does.
@@ -106,6 +109,7 @@ class TinyRecursiveModel(nn.Module):
         rms_norm_eps: float = 1e-5,
         compile: bool = False,
         forward_dtype: str = "float32",
+        context_broadcast: bool = False,
     ) -> None:
         super().__init__()
         if forward_dtype not in FORWARD_DTYPES:
@@ -121,6 +125,7 @@ class TinyRecursiveModel(nn.Module):
         self.halt_exploration_prob = halt_exploration_prob
         self.use_compile = compile  # not `self.compile`: that would hide nn.Module.compile()
         self.embed_scale = math.sqrt(hidden_size)
+        self.context_broadcast = context_broadcast
 
         self.embed_tokens = nn.Embedding(vocab_size, hidden_size)
         trunc_normal_(self.embed_tokens.weight.data, 1.0 / math.sqrt(hidden_size))
@@ -144,11 +149,14 @@ class TinyRecursiveModel(nn.Module):
 
         Token embeddings (std 1/sqrt(D)) are scaled by sqrt(D) to unit RMS, as in TRM. The prefix enters as
         given: the demo encoder already emits unit-RMS tokens (TRM's zero-initialised puzzle embedding is
-        scaled by its conditioner).
+        scaled by its conditioner). With ``context_broadcast`` every grid token also gets the prefix's mean token.
         """
         weight = self.embed_tokens.weight.to(self.forward_dtype)  # TRM's CastedEmbedding (the same tensor in fp32)
         tokens = F.embedding(inputs.long(), weight) * self.embed_scale
-        return torch.cat([prefix.to(tokens.dtype), tokens], dim=1)
+        prefix = prefix.to(tokens.dtype)
+        if self.context_broadcast:
+            tokens = tokens + prefix.mean(dim=1, keepdim=True)
+        return torch.cat([prefix, tokens], dim=1)
 
     def net(self, h: Tensor, injection: Tensor) -> Tensor:
         body = _compiled_net() if self.use_compile else _net_body
