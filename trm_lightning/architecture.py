@@ -17,7 +17,7 @@ from typing import Any
 # hyperparameters of TRMLitModule that decide the parameters' shapes or meaning (besides ``conditioner``)
 TRM_ARCHITECTURE_KEYS = (
     "canvas_size", "hidden_size", "num_heads", "expansion", "L_layers", "puzzle_emb_len", "num_puzzle_ids",
-    "context_broadcast",
+    "context_broadcast", "pos_encoding",
 )
 
 

@@ -64,6 +64,9 @@ def check_arguments(hp: Mapping[str, Any]) -> None:
     if (hp["hidden_size"] // hp["num_heads"]) % 2:
         raise ConfigError(f"model.hidden_size / model.num_heads = {hp['hidden_size'] // hp['num_heads']} must be even "
                           "(rotary position embeddings rotate pairs of dimensions)")
+    if hp["pos_encoding"] == "rope2d" and (hp["hidden_size"] // hp["num_heads"]) % 4:
+        raise ConfigError(f"model.pos_encoding=rope2d needs model.hidden_size / model.num_heads divisible by 4, got "
+                          f"{hp['hidden_size'] // hp['num_heads']} (half of each head's rotary pairs turn with the row)")
     check_greater("model.expansion", hp["expansion"], 0)
     check_probability("model.halt_exploration_prob", hp["halt_exploration_prob"])
     check_probability("model.lr_min_ratio", hp["lr_min_ratio"])
@@ -150,6 +153,10 @@ class TRMLitModule(LightningModule):
         context_broadcast: the TRM core also adds the mean context token to every grid token's input embedding, so
             each cell reads the conditioning directly at every latent update, not only by attending to the prefix.
             False (the default) is TRM's input.
+        pos_encoding: the TRM core's positions: ``rope`` (TRM's 1-D RoPE over the flattened prefix and canvas) or
+            ``rope2d`` (axial RoPE: half of each head's frequencies turn with a cell's row, half with its column, the
+            prefix at row 0, column 0; the head dimension must be divisible by 4). The demo encoder has its own
+            knob, ``model.conditioner.pos_encoding``.
     """
 
     def __init__(
@@ -188,6 +195,7 @@ class TRMLitModule(LightningModule):
         context_contrastive_temperature: float = 0.1,
         changed_cell_weight: float = 1.0,
         context_broadcast: bool = False,
+        pos_encoding: Literal["rope", "rope2d"] = "rope",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -238,6 +246,7 @@ class TRMLitModule(LightningModule):
             compile=hp.compile,
             forward_dtype=hp.forward_dtype,
             context_broadcast=hp.context_broadcast,
+            pos_encoding=hp.pos_encoding,
         )
         return EncoderTRM(conditioner, trm)
 

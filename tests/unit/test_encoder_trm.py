@@ -123,3 +123,18 @@ def test_context_broadcast_adds_the_mean_context_token_to_every_grid_token():
     assert torch.equal(model.trm.embed(batch["inputs"], zero), broadcast.trm.embed(batch["inputs"], zero))
     with torch.no_grad():
         assert not torch.allclose(model.rollout(batch).logits, broadcast.rollout(batch).logits)
+
+
+def test_rope2d_core_changes_the_answer_and_a_bad_value_is_refused():
+    model = _model()
+    torch.manual_seed(0)
+    grid = TinyRecursiveModel(seq_len=S * S, hidden_size=D, num_heads=4, num_layers=1, H_cycles=2, L_cycles=1,
+                              prefix_len=P, halt_max_steps=3, halt_exploration_prob=0.0, pos_encoding="rope2d")
+    grid.load_state_dict(model.trm.state_dict())  # same weights: only the positions differ
+    batch = _batch()
+    with torch.no_grad():
+        assert not torch.allclose(model.rollout(batch).logits, EncoderTRM(model.conditioner, grid).rollout(batch).logits)
+    with pytest.raises(ValueError, match="pos_encoding"):
+        TinyRecursiveModel(seq_len=S * S, hidden_size=D, num_heads=4, pos_encoding="alibi")
+    with pytest.raises(ValueError, match="square canvas"):
+        TinyRecursiveModel(seq_len=S * S + 1, hidden_size=D, num_heads=4, pos_encoding="rope2d")

@@ -7,7 +7,7 @@ import torch
 
 from trm_lightning.models.conditioning import ConditionerShape
 from trm_lightning.models.encoder import StandardDemoEncoder
-from trm_lightning.models.layers import Attention, rms_norm, swiglu_intermediate
+from trm_lightning.models.layers import Attention, RotaryEmbedding, apply_rope, rms_norm, swiglu_intermediate
 from trm_lightning.models.trm import TinyRecursiveModel
 
 S, D = 6, 32
@@ -82,6 +82,7 @@ def test_row_without_demos_gives_finite_context():
         ("set_layers", 2),
         ("layer_scale_init", 1e-4),
         ("norm_style", "pre"),
+        ("pos_encoding", "rope2d"),
     ],
 )
 def test_each_seed_knob_changes_the_encoder(knob, value):
@@ -233,3 +234,35 @@ def test_test_conditioning_makes_the_context_depend_on_the_query():
     assert not torch.allclose(a, b) and torch.isfinite(a).all()
     with pytest.raises(ValueError, match="needs the query inputs"):
         cond.encode(di, do, mask)
+
+
+def _rope_score(rope: RotaryEmbedding, q: torch.Tensor, k: torch.Tensor, i: int, j: int) -> float:
+    """The rotated dot product of query vector ``q`` at position ``i`` and key vector ``k`` at position ``j``."""
+    cos, sin = rope()
+    rq = apply_rope(q.view(1, 1, 1, -1), cos[i : i + 1], sin[i : i + 1])
+    rk = apply_rope(k.view(1, 1, 1, -1), cos[j : j + 1], sin[j : j + 1])
+    return float((rq * rk).sum())
+
+
+def test_rope2d_relates_cells_by_their_row_and_column_offset():
+    """2-D RoPE: a query/key score depends on the (row, column) offset of the two cells only, wherever they lie,
+    while 1-D RoPE scores the flattened offset (the end of a row and the start of the next look adjacent); the
+    prefix positions sit at one place, and the segments of a demo pair share their cells' rotations."""
+    side, prefix, head = 5, 2, 16
+    torch.manual_seed(0)
+    q, k = torch.randn(head), torch.randn(head)
+    flat = RotaryEmbedding(head, prefix + side * side)
+    grid = RotaryEmbedding(head, prefix + side * side, grid_side=side, grid_start=prefix)
+    cell = lambda r, c: prefix + r * side + c  # noqa: E731
+    below = [_rope_score(grid, q, k, cell(r, c), cell(r + 1, c)) for r in range(side - 1) for c in range(side)]
+    assert max(below) - min(below) < 1e-4  # "one row down" is one relation everywhere
+    assert abs(_rope_score(grid, q, k, cell(0, 0), cell(1, 0)) - _rope_score(grid, q, k, cell(0, 0), cell(0, 1))) > 1e-3
+    wrap, step = _rope_score(flat, q, k, cell(0, side - 1), cell(1, 0)), _rope_score(flat, q, k, cell(2, 1), cell(2, 2))
+    assert abs(wrap - step) < 1e-4  # 1-D: the row's last cell and the next row's first are neighbours
+    assert abs(_rope_score(grid, q, k, cell(0, side - 1), cell(1, 0)) - _rope_score(grid, q, k, cell(2, 1), cell(2, 2))) > 1e-3
+    cos, sin = grid()
+    assert torch.equal(cos[0], cos[1]) and torch.equal(cos[0], torch.ones(head))  # the prefix: row 0, column 0
+    pair = RotaryEmbedding(head, 2 * side * side, grid_side=side)
+    assert torch.equal(pair.cos[: side * side], pair.cos[side * side :])  # input cell (r, c) = output cell (r, c)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        RotaryEmbedding(6, 10, grid_side=3)

@@ -35,6 +35,7 @@ from trm_lightning.models.layers import (
     Block,
     CrossAttention,
     PackedLayout,
+    POS_ENCODINGS,
     RotaryEmbedding,
     lecun_linear,
     rms_norm,
@@ -117,8 +118,11 @@ class DemoGridEncoder(nn.Module):
         transform: str = "concat",
         compile: bool = False,
         attention: str = "buckets",
+        pos_encoding: str = "rope",
     ) -> None:
         super().__init__()
+        if pos_encoding not in POS_ENCODINGS:
+            raise ValueError(f"pos_encoding must be one of {POS_ENCODINGS}, got {pos_encoding!r}")
         if attention not in ATTENTION_LAYOUTS:
             raise ValueError(f"attention must be one of {ATTENTION_LAYOUTS}, got {attention!r}")
         if attention == "packed" and transform == "cross":
@@ -146,7 +150,8 @@ class DemoGridEncoder(nn.Module):
             embeds.append(self.diff_embed)
         for emb in embeds:
             trunc_normal_(emb.weight.data, 1.0 / math.sqrt(hidden_size))
-        self.rope = RotaryEmbedding(hidden_size // num_heads, self.segments * self.cells, rope_theta)
+        self.rope = RotaryEmbedding(hidden_size // num_heads, self.segments * self.cells, rope_theta,
+                                    grid_side=canvas_size if pos_encoding == "rope2d" else None)
         self.layers = nn.ModuleList(
             Block(hidden_size, num_heads, expansion, norm_style, layer_scale_init, rms_norm_eps) for _ in range(num_layers)
         )
@@ -334,6 +339,9 @@ class StandardDemoEncoder(Conditioner):
         crop_buckets: encode only the real cells of each demo pair, sorted into this many length buckets (0 = the
             whole canvas; the output is the same, only the compute differs). 16 measured fastest on an H200 at the
             ARC config (benchmarks/RESULTS.md: 2, 4, 8, 16, 32).
+        pos_encoding: the grid encoder's positions: ``rope`` (1-D RoPE over the pair's flattened input then output
+            canvas) or ``rope2d`` (axial RoPE by row and column; a cell of the input and the same cell of the
+            output share their rotation, so attention compares them at no distance).
         attention: how the grid encoder's attention skips the padding: ``buckets`` (``crop_buckets`` length
             buckets, a key mask within each) or ``packed`` (every pair's real cells in one packed sequence, no
             mask: flash attention over variable lengths on a GPU in bf16/fp16). The same output either way; not
@@ -354,6 +362,7 @@ class StandardDemoEncoder(Conditioner):
         test_conditioning: bool = False,
         crop_buckets: int = 16,
         attention: Literal["buckets", "packed"] = "buckets",
+        pos_encoding: Literal["rope", "rope2d"] = "rope",
     ) -> None:
         super().__init__()
         key = "model.conditioner."
@@ -363,12 +372,15 @@ class StandardDemoEncoder(Conditioner):
         check_at_least(key + "set_layers", set_layers, 1)  # 0 would leave the context blind to the demos
         check_at_least(key + "layer_scale_init", layer_scale_init, 0)
         check_at_least(key + "crop_buckets", crop_buckets, 0)
+        if pos_encoding == "rope2d" and (shape.hidden_size // shape.num_heads) % 4:
+            raise ConfigError(f"{key}pos_encoding=rope2d needs model.hidden_size / model.num_heads divisible by 4, "
+                              f"got {shape.hidden_size // shape.num_heads}")
         D = shape.hidden_size
         self.hidden_size = D
         self.grid_encoder = DemoGridEncoder(
             D, shape.num_heads, num_layers, shape.canvas_size, shape.vocab_size, shape.expansion, pooling_method,
             norm_style, layer_scale_init, crop_buckets=crop_buckets, transform=transform, compile=shape.compile,
-            attention=attention,
+            attention=attention, pos_encoding=pos_encoding,
         )
         self.test_conditioning = test_conditioning
         if test_conditioning:  # marks the query's slot in the set encoder's memory

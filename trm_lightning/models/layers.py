@@ -67,13 +67,35 @@ def swiglu_intermediate(hidden_size: int, expansion: float) -> int:
 
 
 class RotaryEmbedding(nn.Module):
-    """Rotate-half RoPE tables for positions 0..max_positions-1 (non-persistent buffers)."""
+    """Rotate-half RoPE tables for positions 0..max_positions-1 (non-persistent buffers).
 
-    def __init__(self, head_dim: int, max_positions: int, base: float = 10000.0) -> None:
+    With ``grid_side`` the tables are 2-D (axial) RoPE over a canvas: position ``p >= grid_start`` is the cell
+    ``q = (p - grid_start) % grid_side**2`` (so the segments of a demo pair, input then output, share their cells'
+    rotations), at row ``q // grid_side + 1`` and column ``q % grid_side + 1``; positions before ``grid_start`` (the
+    TRM's prefix) are at row 0, column 0. Half of each head's rotary frequencies turn with the row, half with the
+    column, so a cell's relation to another (same column, one row up, ...) is one rotation wherever both are.
+    The tables have the 1-D tables' shapes: :func:`apply_rope` uses either.
+    """
+
+    def __init__(
+        self, head_dim: int, max_positions: int, base: float = 10000.0, grid_side: int | None = None,
+        grid_start: int = 0,
+    ) -> None:
         super().__init__()
-        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
         t = torch.arange(max_positions, dtype=torch.float32)
-        freqs = torch.outer(t, inv_freq)  # (L, Dh/2)
+        if grid_side is None:
+            inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+            freqs = torch.outer(t, inv_freq)  # (L, Dh/2)
+        else:
+            if head_dim % 4:
+                raise ValueError(f"2-D RoPE needs a head dimension divisible by 4, got {head_dim}")
+            half = head_dim // 2
+            inv_freq = 1.0 / (base ** (torch.arange(0, half, 2, dtype=torch.float32) / half))  # (Dh/4,)
+            cell = (t - grid_start).clamp_min(0) % (grid_side * grid_side)
+            grid = t >= grid_start
+            rows = torch.where(grid, torch.div(cell, grid_side, rounding_mode="floor") + 1, 0.0)
+            cols = torch.where(grid, cell % grid_side + 1, 0.0)
+            freqs = torch.cat((torch.outer(rows, inv_freq), torch.outer(cols, inv_freq)), dim=-1)  # (L, Dh/2)
         emb = torch.cat((freqs, freqs), dim=-1)  # (L, Dh)
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
@@ -83,6 +105,9 @@ class RotaryEmbedding(nn.Module):
         if positions is None:
             return self.cos, self.sin
         return self.cos[positions], self.sin[positions]
+
+
+POS_ENCODINGS = ("rope", "rope2d")
 
 
 def _rotate_half(x: Tensor) -> Tensor:

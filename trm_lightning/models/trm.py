@@ -23,7 +23,9 @@ from torch import Tensor, nn
 
 import torch.nn.functional as F
 
-from trm_lightning.models.layers import Block, CastedLinear, RotaryEmbedding, lecun_linear, trunc_normal_
+from trm_lightning.models.layers import (
+    POS_ENCODINGS, Block, CastedLinear, RotaryEmbedding, lecun_linear, trunc_normal_,
+)
 from trm_lightning.vocab import VOCAB_SIZE
 
 
@@ -87,6 +89,8 @@ class TinyRecursiveModel(nn.Module):
         context_broadcast: also add the mean of the prefix tokens to every grid token's embedding, so every cell
             reads the conditioning in its own residual stream at every recursion step (``x`` is injected at each
             latent update), not only through attention to the prefix. Off (the default) is TRM's input.
+        pos_encoding: ``rope`` (TRM's: 1-D RoPE over the flattened prefix + canvas) or ``rope2d`` (axial RoPE: half of
+            each head's frequencies turn with the cell's row, half with its column; the prefix at row 0, column 0).
         forward_dtype: the dtype of the embeddings, the initial states, the residual stream and the carry (TRM's
             ``forward_dtype``, bfloat16 in its configs): ``float32`` or ``bfloat16``. Weights stay fp32 and are cast
             at use; RMSNorm and RoPE compute in fp32 and cast back, logits go to the loss in fp64, as TRM does.
@@ -110,6 +114,7 @@ class TinyRecursiveModel(nn.Module):
         compile: bool = False,
         forward_dtype: str = "float32",
         context_broadcast: bool = False,
+        pos_encoding: str = "rope",
     ) -> None:
         super().__init__()
         if forward_dtype not in FORWARD_DTYPES:
@@ -132,7 +137,13 @@ class TinyRecursiveModel(nn.Module):
         self.layers = nn.ModuleList(
             Block(hidden_size, num_heads, expansion, "post", 0.0, rms_norm_eps) for _ in range(num_layers)
         )
-        self.rope = RotaryEmbedding(hidden_size // num_heads, prefix_len + seq_len, rope_theta)
+        if pos_encoding not in POS_ENCODINGS:
+            raise ValueError(f"pos_encoding must be one of {POS_ENCODINGS}, got {pos_encoding!r}")
+        side = math.isqrt(seq_len)
+        if pos_encoding == "rope2d" and side * side != seq_len:
+            raise ValueError(f"pos_encoding='rope2d' needs a square canvas, got seq_len={seq_len}")
+        self.rope = RotaryEmbedding(hidden_size // num_heads, prefix_len + seq_len, rope_theta,
+                                    grid_side=side if pos_encoding == "rope2d" else None, grid_start=prefix_len)
         self.lm_head = lecun_linear(hidden_size, vocab_size)
         # q[:, 0] = halt logit, q[:, 1] = TRM's "continue" logit (unused: no_ACT_continue=True, as in TRM)
         self.q_head = CastedLinear(hidden_size, 2, bias=True)
