@@ -9,11 +9,14 @@ steps each, after ``--warmup``), so a busy machine slows both alike; figures are
     python benchmarks/bench_train.py --preset arc                     # GPU: bf16, 192 rows (TRM's per-GPU batch)
     python benchmarks/bench_train.py --preset arc --batch 8 --optimizers   # AdamW against AdamATan2 (puzzle ids)
     python benchmarks/bench_train.py --preset arc --attention-layouts       # the encoder's buckets against packed
+    python benchmarks/bench_train.py --contrastive-views   # the contrastive loss's subsets: one encoding or three
 
 Lines: ``bench train_step conditioning=<c> step_s=<median> step_s_min=... step_s_max=...`` for each, then
 ``bench train_overhead encoder_overhead=<r> encoder_overhead_min=... _max=...`` (encoder / puzzle ids). With
 ``--optimizers``: ``bench train_step optimizer=<o> ...`` and ``bench train_overhead adam_atan2_over_adamw=<r>``; with
-``--attention-layouts``: ``bench train_step attention=<buckets|packed> ...`` and ``... packed_over_buckets=<r>``.
+``--attention-layouts``: ``bench train_step attention=<buckets|packed> ...`` and ``... packed_over_buckets=<r>``; with
+``--contrastive-views`` (encoder-TRM with ``model.context_contrastive_weight=0.1``): ``bench train_step
+contrastive=<shared|separate> ...`` and ``... shared_over_separate=<r>``.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from trm_lightning.flops import encoder_step_flops, trm_step_flops
 from trm_lightning.optim import build_optimizer, named_param_groups
 
 
-def prepare(args, conditioning: str, optimizer_name: str | None = None, *extra: str) -> Side:
+def prepare(args, conditioning: str, optimizer_name: str | None = None, *extra: str, contrastive: str = "shared") -> Side:
     lit, dm = build(args, conditioning, *extra)
     hp = lit.hparams
     lit.to(args.device).train()
@@ -35,7 +38,7 @@ def prepare(args, conditioning: str, optimizer_name: str | None = None, *extra: 
     modules = {"encoder": lit.model.conditioner, "trm": lit.model.trm}
     groups = named_param_groups(modules, {"encoder": hp.lr, "trm": hp.lr})
     optimizer = build_optimizer(optimizer_name or hp.optimizer, groups, hp.lr, (hp.beta1, hp.beta2), hp.weight_decay)
-    feed, step = cycle(batches), TrainStep(lit, optimizer, args)
+    feed, step = cycle(batches), TrainStep(lit, optimizer, args, contrastive)
     rows = args.batch
     tokens = rows * (hp.puzzle_emb_len + hp.canvas_size**2)
     valid_demos = torch.cat([b["demo_mask"].sum(1).float() for b in batches]).mean().item()
@@ -74,8 +77,16 @@ def main() -> None:
                         help="compare AdamW and AdamATan2 (puzzle-id conditioning) instead of the two conditionings")
     parser.add_argument("--attention-layouts", action="store_true",
                         help="compare the encoder's attention layouts, buckets and packed (encoder-TRM steps)")
+    parser.add_argument("--contrastive-views", action="store_true",
+                        help="with the demo-subset contrastive loss: the subsets' contexts from the step's one encoding "
+                             "of the demos (shared) against the conditioner run again per subset (separate)")
     args = resolve_defaults(parser.parse_args())
     quiet()
+    if args.contrastive_views:
+        sides = {name: prepare(args, "encoder", None, "--model.context_contrastive_weight=0.1", contrastive=name)
+                 for name in ("shared", "separate")}
+        compare(args, sides, "train_step", "step_s", "shared_over_separate", "shared", "separate", "contrastive")
+        return
     if args.attention_layouts:
         sides = {name: prepare(args, "encoder", None, f"--model.conditioner.attention={name}")
                  for name in ("buckets", "packed")}

@@ -31,6 +31,7 @@ from trm_lightning.cli import build_cli  # noqa: E402
 from trm_lightning.flops import bf16_peak_tflops  # noqa: E402
 from trm_lightning.losses import act_loss  # noqa: E402
 from trm_lightning.models.conditioning import PuzzleEmbedding  # noqa: E402
+from trm_lightning.regularisers import contrastive_views, demo_subset_contrastive_loss, info_nce  # noqa: E402
 
 # the two conditionings every benchmark compares, by the label its lines print
 CONDITIONERS = {"puzzle_emb": "PuzzleEmbedding", "encoder": "StandardDemoEncoder"}
@@ -100,20 +101,32 @@ def build(args: argparse.Namespace, conditioning: str, *extra: str):
 
 
 class TrainStep:
-    """One optimizer step as ``trm fit`` runs it, on the pure model: the ACT step on the carried rows, the ACT loss,
-    backward, the puzzle table's sign step (puzzle-id conditioning), AdamW. Call it with a batch."""
+    """One optimizer step as ``trm fit`` runs it, on the pure model: the ACT step on the carried rows, the ACT loss
+    (plus the demo-subset contrastive loss when ``model.context_contrastive_weight > 0``), backward, the puzzle table's
+    sign step (puzzle-id conditioning), AdamW. Call it with a batch.
 
-    def __init__(self, lit, optimizer: torch.optim.Optimizer, args: argparse.Namespace) -> None:
+    ``contrastive``: how the two demo subsets are encoded, ``shared`` (with the step's context from one encoding of
+    the demos, as ``trm fit`` does) or ``separate`` (the conditioner run again on each subset, the reference)."""
+
+    def __init__(self, lit, optimizer: torch.optim.Optimizer, args: argparse.Namespace,
+                 contrastive: str = "shared") -> None:
         self.model, self.hp, self.optimizer, self.args = lit.model, lit.hparams, optimizer, args
         self.carry = None
+        self.contrastive = contrastive
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> None:
         if self.carry is None:
             self.carry = self.model.initial_carry(batch)
+        weight, temperature = self.hp.context_contrastive_weight, self.hp.context_contrastive_temperature
+        shared = weight > 0 and self.contrastive == "shared"
         with autocast(self.args):
-            self.carry, out = self.model.act_step(self.carry, batch)
-            loss = act_loss(out.logits, self.carry.data["labels"], out.q_halt, self.hp.q_halt_loss_weight,
-                            self.hp.loss_type).loss
+            self.carry, out = self.model.act_step(self.carry, batch, contrastive_views if shared else None)
+            data = self.carry.data
+            loss = act_loss(out.logits, data["labels"], out.q_halt, self.hp.q_halt_loss_weight, self.hp.loss_type).loss
+            if shared:
+                loss = loss + weight * info_nce(*out.views, data["task_index"], temperature)
+            elif weight > 0:
+                loss = loss + weight * demo_subset_contrastive_loss(self.model.encode, data, temperature)
         loss.backward()
         if isinstance(self.model.conditioner, PuzzleEmbedding):
             self.model.conditioner.sign_update(self.hp.puzzle_emb_lr, self.hp.puzzle_emb_weight_decay)

@@ -36,5 +36,7 @@ def test_comparison_lines(script, ratio):
 def test_optimizer_comparison_and_data_loading():
     lines = _bench("bench_train.py", "--optimizers", *TINY)
     assert lines[0].startswith("bench train_step optimizer=adamw") and "adam_atan2_over_adamw=" in lines[2]
+    lines = _bench("bench_train.py", "--contrastive-views", *TINY)
+    assert lines[0].startswith("bench train_step contrastive=shared") and "shared_over_separate=" in lines[2]
     data = _bench("bench_data.py", "--preset", "demo", "--batch", "4", "--steps", "2", "--warmup", "1", "--json", "")
     assert data[0].startswith("bench data workers=0")
