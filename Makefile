@@ -38,7 +38,7 @@ bench: install  ## speed: train step + encoder overhead, eval rollout, data load
 	$(BIN)/python benchmarks/bench_data.py --preset arc --batch 64 --steps 10
 
 bench-fewshot: install  ## held-out rules on the CPU: encoder-TRM (real vs shuffled context) and the puzzle-id baseline
-	$(BIN)/python benchmarks/bench_fewshot.py
+	$(BIN)/python benchmarks/bench_fewshot.py --encoder-config configs/fewshot/contrastive.yaml
 
 sweep-fewshot: install  ## the seed's experiment table on the held-out-rule benchmark: one fit per row (2 h on 2 shared cores), then trm report
 	$(BIN)/python benchmarks/sweep_fewshot.py
