@@ -27,6 +27,10 @@ from torch import Tensor, nn
 from trm_lightning.models.trm import ACTCarry, TinyRecursiveModel
 
 
+# what ``act_step`` may be given besides the batch: the rows' data -> demo masks whose contexts it also returns
+ViewMasks = Callable[[Mapping[str, Tensor]], Sequence[Tensor]]
+
+
 class StepOutput(NamedTuple):
     """What one ACT step gives besides the new carry."""
 
@@ -71,7 +75,7 @@ class EncoderTRM(nn.Module):
         self,
         carry: ACTCarry,
         batch: Mapping[str, Tensor],
-        views: Callable[[Mapping[str, Tensor]], Sequence[Tensor]] | None = None,
+        views: ViewMasks | None = None,
     ) -> tuple[ACTCarry, StepOutput]:
         """One training ACT step (``carry, batch -> carry, outputs``); the new carry's ``data`` holds the rows'
         samples (labels included) and its ``halted`` the rows that finish at this step.
@@ -98,13 +102,14 @@ class EncoderTRM(nn.Module):
         steps = carry.steps + 1
         q_halt = q[:, 0]
         halted = self.trm.halt(steps, q_halt.detach())
-        return ACTCarry(y=y, z=z, steps=steps, halted=halted, data=data), StepOutput(logits, q_halt, context, tuple(extra))
+        outputs = StepOutput(logits, q_halt, context, tuple(extra))
+        return ACTCarry(y=y, z=z, steps=steps, halted=halted, data=data), outputs
 
     def forward(
         self,
         carry: ACTCarry,
         batch: Mapping[str, Tensor],
-        views: Callable[[Mapping[str, Tensor]], Sequence[Tensor]] | None = None,
+        views: ViewMasks | None = None,
     ) -> tuple[ACTCarry, StepOutput]:
         """The ACT step (:meth:`act_step`), as TRM's wrapper defines ``forward``."""
         return self.act_step(carry, batch, views)
