@@ -56,6 +56,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,10 +73,12 @@ from trm_lightning.data.fewshot_rules import (  # noqa: E402
     FewshotRule,
     make_fewshot_split,
     make_rule_tasks,
+    parse_rule,
     rule_of,
     split_rules,
 )
 from trm_lightning.data.task_json import write_task_dir  # noqa: E402
+from trm_lightning.data.tokenize import crop_canvas  # noqa: E402
 from trm_lightning.losses import row_accuracy  # noqa: E402
 from trm_lightning.module import TRMLitModule  # noqa: E402
 from trm_lightning.run_files import FEWSHOT_EVAL_FILE, LAST_CHECKPOINT, checkpoint_dir  # noqa: E402
@@ -260,10 +263,12 @@ def load_run(run_dir: Path) -> tuple[TRMLitModule, ARCDataModule]:
 # ----------------------------------------------------------------------------------------------- evaluation
 @dataclass(frozen=True)
 class Score:
-    """Per query: ``exact`` (N,) bool, every supervised cell right; ``cell`` (N,) the fraction of them right."""
+    """Per query: ``exact`` (N,) bool, every supervised cell right; ``cell`` (N,) the fraction of them right;
+    ``answers`` (N, T) the predicted canvas tokens (None where a score was built without them)."""
 
     exact: torch.Tensor
     cell: torch.Tensor
+    answers: torch.Tensor | None = None
 
     def count(self, rows: torch.Tensor | None = None) -> int:
         return int(self.exact.sum() if rows is None else self.exact[rows].sum())
@@ -279,17 +284,18 @@ def score(model, batch: dict[str, torch.Tensor], context: torch.Tensor | None = 
     the rows' own context. ``model`` is a :class:`TRMLitModule` or a bare ``EncoderTRM``."""
     net = getattr(model, "model", model)
     net.eval()
-    exact, cells = [], []
+    exact, cells, answers = [], [], []
     for start in range(0, batch["inputs"].shape[0], chunk):
         part = {k: v[start : start + chunk] for k, v in batch.items()}
         own = None if context is None else context[start : start + chunk]
-        logits = net.rollout(part, context=own).logits
-        has, hit, cell = row_accuracy(logits.argmax(-1), part["labels"])
+        predicted = net.rollout(part, context=own).logits.argmax(-1)
+        has, hit, cell = row_accuracy(predicted, part["labels"])
         if not bool(has.all()):
             raise RuntimeError("an evaluation query without a known output")
         exact.append(hit)
         cells.append(cell)
-    return Score(torch.cat(exact), torch.cat(cells))
+        answers.append(predicted)
+    return Score(torch.cat(exact), torch.cat(cells), torch.cat(answers))
 
 
 def shuffled_context(model, batch: dict[str, torch.Tensor], rule_ids: torch.Tensor, chunk: int = 64) -> Score:
@@ -369,6 +375,49 @@ def write_fewshot_eval(run_dir: Path, scores: dict[str, Score], tasks: FewshotTa
     path = Path(run_dir) / FEWSHOT_EVAL_FILE
     path.write_text(json.dumps(record, indent=1) + "\n")
     return path
+
+
+ANSWER_KINDS = ("solved", "same s, other c", "same c, other s", "other rule", "input unchanged", "none")
+
+
+def answer_kinds(sc: Score, batch: dict[str, torch.Tensor], names: list[str], rules: list[FewshotRule]) -> list[str]:
+    """What each query's answer is, one of :data:`ANSWER_KINDS`: ``solved``; else the output of a rule of ``rules``
+    of the query's family applied to its input, one with the query rule's ``s`` and another ``c``, or its ``c`` and
+    another ``s``, or another one (``other rule``); else the input itself (``input unchanged``); else ``none``. On the
+    held-out rules with ``rules`` = the training rules it tells a composed answer from a memorised one: a model that
+    reads only part of the demos answers with the training rule that shares that part."""
+    if sc.answers is None:
+        raise ValueError("answer_kinds needs a Score with its answers (benchmarks/bench_fewshot.py: score)")
+    by_family: dict[str, list[FewshotRule]] = {}
+    for rule in rules:
+        by_family.setdefault(rule.family, []).append(rule)
+    kinds = []
+    for row, name in enumerate(names):
+        if bool(sc.exact[row]):
+            kinds.append("solved")
+            continue
+        own = parse_rule(name)
+        grid, answer = crop_canvas(batch["inputs"][row]), crop_canvas(sc.answers[row])
+        matches = [r for r in by_family.get(own.family, []) if r != own and _gives(r, grid, answer)]
+        if any(r.s == own.s for r in matches):
+            kinds.append("same s, other c")
+        elif any(r.c == own.c for r in matches):
+            kinds.append("same c, other s")
+        elif matches:
+            kinds.append("other rule")
+        elif np.array_equal(grid, answer):
+            kinds.append("input unchanged")
+        else:
+            kinds.append("none")
+    return kinds
+
+
+def _gives(rule: FewshotRule, grid: np.ndarray, answer: np.ndarray) -> bool:
+    try:
+        out = rule.apply(grid)
+    except ValueError:  # e.g. size() on a grid without objects
+        return False
+    return out.shape == answer.shape and np.array_equal(out, answer)
 
 
 def rule_names(batch: dict[str, torch.Tensor], tasks: list[ArcTask], rule_by_id: dict[str, str]) -> list[str]:
@@ -467,14 +516,17 @@ def main(argv: list[str] | None = None) -> tuple[bool, str]:
     curve = []
     if "encoder" in fits and args.curve_every:
         curve = score_curve(fits["encoder"][0], tasks, held_batch, new_batch)
+    answers = answer_table(tasks, held_batch, new_batch, scores) if "encoder" in fits else {}
     eval_s = time.perf_counter() - start
     if "encoder" in fits:
-        write_fewshot_eval(fits["encoder"][0], scores, tasks, fit_seconds=fits["encoder"][1],
+        write_fewshot_eval(fits["encoder"][0], scores, tasks, fit_seconds=fits["encoder"][1], answers=answers,
                            **({"curve": curve} if curve else {}))
 
     # ---- report
     if held_batch is not None:
         report(tasks, held_batch, new_batch, scores)
+    if answers:
+        report_answers(answers)
     times = ", ".join(f"{name} fit {seconds:.0f} s" for name, (_, seconds) in fits.items())
     print(f"fewshot: time: {times} ({'concurrently' if args.jobs > 1 else 'one after the other'}, {args.threads} "
           f"thread(s) each), evaluation {eval_s:.0f} s, total {time.perf_counter() - wall:.0f} s; runs in {out}")
@@ -484,11 +536,38 @@ def main(argv: list[str] | None = None) -> tuple[bool, str]:
                   "fit_seconds": {name: s for name, (_, s) in fits.items()},
                   "total_seconds": time.perf_counter() - wall,
                   **{name: [sc.count(), sc.n, float(sc.cell.mean())] for name, sc in scores.items()},
+                  **({"answers": answers} if answers else {}),
                   **({"curve": curve} if curve else {})}
         with open(args.record, "a") as handle:
             handle.write(json.dumps(record) + "\n")
     print(line, flush=True)
     return passed, line
+
+
+def answer_table(tasks: FewshotTasks, held_batch: dict, new_batch: dict,
+                 scores: dict[str, Score]) -> dict[str, dict[str, dict[str, int]]]:
+    """:func:`answer_kinds` of the encoder's ``heldout`` and ``train`` answers against the training rules, counted
+    per family and in all: ``{score: {family or "all": {kind: queries}}}``."""
+    table = {}
+    for name, batch, split in (("heldout", held_batch, tasks.heldout), ("train", new_batch, tasks.new)):
+        names = rule_names(batch, split, tasks.rule_by_id)
+        kinds = answer_kinds(scores[name], batch, names, tasks.train_rules)
+        counts: dict[str, dict[str, int]] = {}
+        for rule, kind in zip(names, kinds):
+            for key in (rule.partition("(")[0], "all"):
+                row = counts.setdefault(key, dict.fromkeys(ANSWER_KINDS, 0))
+                row[kind] += 1
+        table[name] = {f: counts[f] for f in [*FEWSHOT_FAMILIES, "all"] if f in counts}
+    return table
+
+
+def report_answers(answers: dict[str, dict[str, dict[str, int]]]) -> None:
+    """Per family, what the held-out answers are (:func:`answer_kinds`)."""
+    print("fewshot: held-out answers, by family: the held-out rule's output (solved), else a training rule's with the "
+          "same s or the same c, another training rule's, the input unchanged, or none of these")
+    print(f"  {'family':<10}" + "".join(f" {kind:>16}" for kind in ANSWER_KINDS))
+    for family, row in answers["heldout"].items():
+        print(f"  {family:<10}" + "".join(f" {row[kind]:>16}" for kind in ANSWER_KINDS))
 
 
 def report(tasks: FewshotTasks, held_batch: dict, new_batch: dict, scores: dict[str, Score]) -> None:

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import re
 import sys
 
+import numpy as np
 import torch
 
 from tests.integration.helpers import ROOT
@@ -49,6 +51,11 @@ def test_bench_fewshot_end_to_end_tiny(tmp_path, capsys, one_thread):
     assert len(list((tmp_path / "data" / "heldout").glob("*.json"))) == 12
     assert len(list((tmp_path / "data" / "train").glob("*.json"))) == 40
     assert '"passed": false' in (tmp_path / "record.jsonl").read_text()
+    # what the held-out answers are: one row per family, each adding up to the family's queries, and in the record
+    answers = json.loads((tmp_path / "record.jsonl").read_text())["answers"]
+    assert sum(answers["heldout"]["all"].values()) == 12 and sum(answers["train"]["all"].values()) == 10
+    assert answers["heldout"]["all"]["solved"] == int(heldout)
+    assert any(row.startswith("fewshot: held-out answers") for row in printed)
 
 
 def test_verdict_applies_every_target():
@@ -105,3 +112,28 @@ def test_bench_fewshot_curve_scores_every_kept_checkpoint(tmp_path, capsys, one_
         final = record["scores"][name]
         assert last[name] == [final["solved"], final["n"], final["cell_accuracy"]], name
     assert last["heldout"][1] == 8 and last["train"][1] == 6
+
+
+def test_answer_kinds_tell_a_memorised_answer_from_a_composed_one():
+    """Hand-made answers to outline(0,5) queries: its own output, outline(0,3)'s (same s), outline(2,5)'s (same c),
+    frame(0,5)'s (another family: not counted as a rule), the input, and garbage."""
+    from trm_lightning.data.fewshot_rules import FewshotRule
+    from trm_lightning.data.tokenize import grid_to_canvas
+
+    bench = _driver()
+    grid = np.zeros((5, 5), np.uint8)
+    grid[2, 2] = 4
+    own, same_s, same_c = FewshotRule("outline", 0, 5), FewshotRule("outline", 0, 3), FewshotRule("outline", 2, 5)
+    frame = FewshotRule("frame", 0, 5)
+    garbage = np.full((5, 5), 7, np.uint8)
+    outputs = [own.apply(grid), same_s.apply(grid), same_c.apply(grid), frame.apply(grid), grid, garbage]
+    canvas = torch.from_numpy(np.stack([grid_to_canvas(grid, 8)] * len(outputs)).astype(np.int64))
+    answers = torch.from_numpy(np.stack([grid_to_canvas(o, 8) for o in outputs]).astype(np.int64))
+    exact = torch.tensor([True] + [False] * (len(outputs) - 1))
+    sc = bench.Score(exact, exact.double(), answers)
+    kinds = bench.answer_kinds(sc, {"inputs": canvas}, [own.name] * len(outputs), [same_s, same_c, frame])
+    assert kinds == ["solved", "same s, other c", "same c, other s", "none", "input unchanged", "none"]
+    # a rule that fails on the input (size() needs an object) is no match, not an error
+    empty = torch.from_numpy(grid_to_canvas(np.zeros((4, 4), np.uint8), 8)[None].astype(np.int64))
+    sc = bench.Score(torch.tensor([False]), torch.zeros(1), empty)
+    assert bench.answer_kinds(sc, {"inputs": empty}, ["size(0,5)"], [FewshotRule("size", 1, 5)]) == ["input unchanged"]
