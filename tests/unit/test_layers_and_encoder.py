@@ -83,6 +83,7 @@ def test_row_without_demos_gives_finite_context():
         ("layer_scale_init", 1e-4),
         ("norm_style", "pre"),
         ("pos_encoding", "rope2d"),
+        ("absolute_positions", True),
     ],
 )
 def test_each_seed_knob_changes_the_encoder(knob, value):
@@ -163,6 +164,7 @@ def test_cropped_encoding_equals_the_full_canvas(pooling, norm_style):
 
 @pytest.mark.parametrize("pooling, norm_style, transform", [
     ("mean", "post", "concat"), ("attention", "pre", "concat"), ("weighted", "post", "concat"), ("mean", "pre", "diff"),
+    ("mean", "post", "absolute"),
 ])
 def test_packed_attention_equals_the_bucketed_encoding(pooling, norm_style, transform):
     """``attention="packed"`` (every pair's real cells in one row, no padding; the padded reference on the CPU)
@@ -170,6 +172,10 @@ def test_packed_attention_equals_the_bucketed_encoding(pooling, norm_style, tran
     di, do = _real_grids(12)
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0]], dtype=torch.bool)
     knobs = dict(pooling_method=pooling, norm_style=norm_style, transform=transform)
+    if transform == "absolute":
+        knobs.update(transform="concat", absolute_positions=True)
+        full = _encoder(crop_buckets=0, **knobs)
+        _assert_same_encoding(full, _encoder(crop_buckets=3, **knobs), di, do, mask)
     _assert_same_encoding(_encoder(crop_buckets=3, **knobs), _encoder(attention="packed", **knobs), di, do, mask)
 
 
@@ -266,3 +272,33 @@ def test_rope2d_relates_cells_by_their_row_and_column_offset():
     assert torch.equal(pair.cos[: side * side], pair.cos[side * side :])  # input cell (r, c) = output cell (r, c)
     with pytest.raises(ValueError, match="divisible by 4"):
         RotaryEmbedding(6, 10, grid_side=3)
+
+
+def test_absolute_positions_add_trained_row_and_column_embeddings():
+    """A pair and its upside-down copy (the gravity side, the ray direction flipped): with no attention layer a
+    mean-pooled vector is a bag of tokens and cannot tell them apart, and additive row/column embeddings alone do
+    not either (the mean of a sum separates); one block mixes colour with position, and the gradient reaches both
+    tables."""
+    import numpy as np
+
+    from trm_lightning.data.tokenize import grid_to_canvas
+
+    grid_in = np.zeros((4, 3), np.int64)
+    grid_in[1, 1], grid_in[2, 0] = 3, 5
+    grid_out = grid_in.copy()
+    grid_out[3, :] = 7  # something lands at the bottom
+    canvas = lambda g: torch.from_numpy(grid_to_canvas(g, S).astype("int32"))  # noqa: E731
+    di = torch.stack([canvas(grid_in), canvas(grid_in[::-1])]).view(2, 1, S * S)
+    do = torch.stack([canvas(grid_out), canvas(grid_out[::-1])]).view(2, 1, S * S)
+    mask = torch.ones(2, 1, dtype=torch.bool)
+    for absolute in (False, True):
+        bag = _encoder(num_layers=0, absolute_positions=absolute).encode(di, do, mask)
+        assert torch.allclose(bag[0], bag[1], atol=1e-6)
+    base, placed = _encoder(num_layers=1), _encoder(num_layers=1, absolute_positions=True)
+    out = placed.encode(di, do, mask)
+    assert not torch.allclose(out[0], out[1], atol=1e-3)
+    assert not torch.allclose(out, base.encode(di, do, mask), atol=1e-3)
+    out.square().sum().backward()
+    for name in ("row_embed", "col_embed"):
+        weight = getattr(placed.grid_encoder, name).weight
+        assert weight.grad is not None and float(weight.grad.abs().sum()) > 0, name

@@ -119,6 +119,7 @@ class DemoGridEncoder(nn.Module):
         compile: bool = False,
         attention: str = "buckets",
         pos_encoding: str = "rope",
+        absolute_positions: bool = False,
     ) -> None:
         super().__init__()
         if pos_encoding not in POS_ENCODINGS:
@@ -148,6 +149,12 @@ class DemoGridEncoder(nn.Module):
         if transform == "diff":
             self.diff_embed = nn.Embedding(vocab_size * vocab_size, hidden_size)
             embeds.append(self.diff_embed)
+        self.canvas_size = canvas_size
+        if absolute_positions:  # learned row and column embeddings, shared by the segments
+            self.row_embed = nn.Embedding(canvas_size, hidden_size)
+            self.col_embed = nn.Embedding(canvas_size, hidden_size)
+            embeds += [self.row_embed, self.col_embed]
+        self.absolute_positions = absolute_positions
         for emb in embeds:
             trunc_normal_(emb.weight.data, 1.0 / math.sqrt(hidden_size))
         self.rope = RotaryEmbedding(hidden_size // num_heads, self.segments * self.cells, rope_theta,
@@ -209,7 +216,7 @@ class DemoGridEncoder(nn.Module):
         if positions is None:
             positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
         segment = positions // self.cells  # 0 input, 1 output, 2 diff
-        h = self._embed(tokens, segment)
+        h = self._embed(tokens, positions)
         rope = self.rope(positions)
         attend = mask
         if self.transform == "cross":  # each grid attends within itself
@@ -224,14 +231,19 @@ class DemoGridEncoder(nn.Module):
             h = rms_norm(h, self.eps)
         return self.pool_proj(self._pool(h, pool_mask))
 
-    def _embed(self, tokens: Tensor, segment: Tensor) -> Tensor:
-        """Token embeddings (..., L, D) x sqrt(D), each token by its segment's table (input, output, diff)."""
+    def _embed(self, tokens: Tensor, positions: Tensor) -> Tensor:
+        """Token embeddings (..., L, D) x sqrt(D), each token by its segment's table (input, output, diff), plus,
+        with ``absolute_positions``, its cell's row and column embeddings (the same cell in every segment)."""
+        segment = positions // self.cells  # 0 input, 1 output, 2 diff
         embeds = [self.input_embed, self.output_embed] + ([self.diff_embed] if self.transform == "diff" else [])
         h = None
         for i, embed in enumerate(embeds):
             mine = segment == i
             part = embed(torch.where(mine, tokens, PAD)) * mine.unsqueeze(-1)
             h = part if h is None else h + part
+        if self.absolute_positions:
+            cell = positions % self.cells
+            h = h + self.row_embed(cell // self.canvas_size) + self.col_embed(cell % self.canvas_size)
         return h * self.embed_scale
 
     def _encode_packed(self, tokens: Tensor, real: Tensor) -> Tensor:
@@ -248,7 +260,7 @@ class DemoGridEncoder(nn.Module):
                      max_len: int) -> Tensor:
         """The packed path after packing: (T,) tokens at canvas ``positions`` of pairs ``pair`` -> (N, D)."""
         layout = PackedLayout(cu, cu, max_len, max_len)
-        h = self._embed(tokens[None], (positions // self.cells)[None])
+        h = self._embed(tokens[None], positions[None])
         rope = self.rope(positions[None])
         for layer in self.layers:
             h = layer(h, rope, layout)
@@ -346,6 +358,11 @@ class StandardDemoEncoder(Conditioner):
             buckets, a key mask within each) or ``packed`` (every pair's real cells in one packed sequence, no
             mask: flash attention over variable lengths on a GPU in bf16/fp16). The same output either way; not
             with ``transform: cross``.
+        absolute_positions: add learned row and column embeddings to every grid token (the same cell of the
+            input and the output shares them). With RoPE alone a token knows where it is only through what
+            attention learns to compare; with them the blocks' MLPs can mix a cell's colour with its place, so a
+            pooled demo vector can say *where* things are (at the bottom, on an edge). The few-shot notebook
+            (docs/fewshot_findings.md) measures it.
     """
 
     runtime_options = ("crop_buckets", "attention")
@@ -363,6 +380,7 @@ class StandardDemoEncoder(Conditioner):
         crop_buckets: int = 16,
         attention: Literal["buckets", "packed"] = "buckets",
         pos_encoding: Literal["rope", "rope2d"] = "rope",
+        absolute_positions: bool = False,
     ) -> None:
         super().__init__()
         key = "model.conditioner."
@@ -380,7 +398,7 @@ class StandardDemoEncoder(Conditioner):
         self.grid_encoder = DemoGridEncoder(
             D, shape.num_heads, num_layers, shape.canvas_size, shape.vocab_size, shape.expansion, pooling_method,
             norm_style, layer_scale_init, crop_buckets=crop_buckets, transform=transform, compile=shape.compile,
-            attention=attention, pos_encoding=pos_encoding,
+            attention=attention, pos_encoding=pos_encoding, absolute_positions=absolute_positions,
         )
         self.test_conditioning = test_conditioning
         if test_conditioning:  # marks the query's slot in the set encoder's memory
