@@ -131,6 +131,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="the encoder fit also keeps a checkpoint every N steps; each is scored after the fit (a "
                         "`fewshot curve step=...` line per checkpoint, and `curve` in fewshot_eval.json): is the "
                         "recipe still learning when the budget ends?")
+    p.add_argument("--probe-tasks", type=int, default=8, metavar="K",
+                   help="linear probes of the encoder's context: K new tasks per training rule fit one probe per "
+                        "family for s and one for c, scored on the new tasks of the training rules and on the "
+                        "held-out rules (does the context say s and c apart?); 0: no probe")
     p.add_argument("overrides", nargs="*", help="extra trm options for both fits, after --")
     return p.parse_args(argv)
 
@@ -377,6 +381,84 @@ def write_fewshot_eval(run_dir: Path, scores: dict[str, Score], tasks: FewshotTa
     return path
 
 
+PROBE_TASK_STREAM = 0x7A60  # the probe's fitting tasks: new tasks of the training rules, another stream
+
+
+@torch.no_grad()
+def contexts(model, batch: dict[str, torch.Tensor], chunk: int = 64) -> torch.Tensor:
+    """The encoder's context of every row of ``batch``, flattened: (N, P * D) float32."""
+    net = getattr(model, "model", model)
+    net.eval()
+    rows = batch["inputs"].shape[0]
+    out = torch.cat([net.encode({k: v[i : i + chunk] for k, v in batch.items()}) for i in range(0, rows, chunk)])
+    return out.reshape(rows, -1).float()
+
+
+def linear_probe(x: torch.Tensor, y: torch.Tensor, steps: int = 300, l2: float = 1e-3, seed: int = 0):
+    """A multinomial logistic regression of labels ``y`` (N,) on features ``x`` (N, F), standardised by ``x``'s
+    statistics; returns ``predict(features) -> labels``."""
+    mean, std = x.mean(0), x.std(0) + 1e-6
+    classes = torch.unique(y)
+    target = torch.searchsorted(classes, y)
+    gen = torch.Generator().manual_seed(seed)
+    weight = (torch.randn(x.shape[1], len(classes), generator=gen) * 1e-3).requires_grad_()
+    bias = torch.zeros(len(classes), requires_grad=True)
+    z = (x - mean) / std
+    opt = torch.optim.Adam([weight, bias], lr=1e-2)
+    with torch.enable_grad():
+        for _ in range(steps):
+            loss = torch.nn.functional.cross_entropy(z @ weight + bias, target) + l2 * weight.square().sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    weight, bias = weight.detach(), bias.detach()
+    return lambda features: classes[(((features - mean) / std) @ weight + bias).argmax(1)]
+
+
+def probe_rule_parts(model, dm: ARCDataModule, tasks: FewshotTasks, held_batch: dict, new_batch: dict,
+                     per_rule: int, seed: int, n_demos: int = 3, max_side: int = 6) -> dict[str, dict[str, list[int]]]:
+    """Can ``s`` and ``c`` be read apart from the encoder's context? Per family, a linear probe for each, fitted on
+    the contexts of ``per_rule`` new tasks of every training rule of the family (a stream of their own), scored on
+    the benchmark's new tasks of the training rules (``new``) and on the held-out rules (``heldout``). A context
+    that keeps ``s`` and ``c`` apart gives the held-out rules (unseen combinations of seen parts) the right
+    labels; one that codes each rule as a whole does not. Returns ``{family: {"s_new": [right, n], "s_heldout":
+    ..., "c_new": ..., "c_heldout": ...}}`` for the families with at least two training values of s."""
+    fit_tasks = make_rule_tasks(tasks.train_rules, per_rule * len(tasks.train_rules), seed=seed, prefix="fs_probe_",
+                                stream=PROBE_TASK_STREAM, n_demos=n_demos, max_side=max_side)
+    fit_batch = query_batch(fit_tasks, dm)
+    fit_rules = [rule_of(fit_tasks[int(t)]) for t in fit_batch["task_index"]]
+    new_rules = [parse_rule(n) for n in rule_names(new_batch, tasks.new, tasks.rule_by_id)]
+    held_rules = [parse_rule(n) for n in rule_names(held_batch, tasks.heldout, tasks.rule_by_id)]
+    x_fit, x_new, x_held = contexts(model, fit_batch), contexts(model, new_batch), contexts(model, held_batch)
+    table = {}
+    for family in dict.fromkeys(r.family for r in tasks.train_rules):
+        rows = {name: torch.tensor([r.family == family for r in rules], dtype=torch.bool)
+                for name, rules in (("fit", fit_rules), ("new", new_rules), ("heldout", held_rules))}
+        entry = {}
+        for part in ("s", "c"):
+            label = {name: torch.tensor([getattr(r, part) for r in rules if r.family == family], dtype=torch.long)
+                     for name, rules in (("fit", fit_rules), ("new", new_rules), ("heldout", held_rules))}
+            if len(torch.unique(label["fit"])) < 2:
+                continue
+            predict = linear_probe(x_fit[rows["fit"]], label["fit"], seed=seed)
+            for name, x in (("new", x_new), ("heldout", x_held)):
+                if bool(rows[name].any()):
+                    entry[f"{part}_{name}"] = [int((predict(x[rows[name]]) == label[name]).sum()), int(rows[name].sum())]
+        if entry:
+            table[family] = entry
+    return table
+
+
+def report_probe(probe: dict[str, dict[str, list[int]]]) -> None:
+    print("fewshot: linear probes of the encoder's context, by family: s and c read from it on new tasks of the "
+          "training rules and on the held-out rules (probes fitted on other new tasks of the training rules)")
+    keys = ("s_new", "s_heldout", "c_new", "c_heldout")
+    print(f"  {'family':<10}" + "".join(f" {k:>14}" for k in keys))
+    for family, entry in probe.items():
+        cells = [f"{entry[k][0]}/{entry[k][1]}" if k in entry else "-" for k in keys]
+        print(f"  {family:<10}" + "".join(f" {c:>14}" for c in cells))
+
+
 ANSWER_KINDS = ("solved", "same s, other c", "same c, other s", "other rule", "input unchanged", "none")
 
 
@@ -517,16 +599,23 @@ def main(argv: list[str] | None = None) -> tuple[bool, str]:
     if "encoder" in fits and args.curve_every:
         curve = score_curve(fits["encoder"][0], tasks, held_batch, new_batch)
     answers = answer_table(tasks, held_batch, new_batch, scores) if "encoder" in fits else {}
+    probe = {}
+    if "encoder" in fits and args.probe_tasks > 0:
+        model, dm = models["encoder"]
+        probe = probe_rule_parts(model, dm, tasks, held_batch, new_batch, args.probe_tasks, args.seed, args.demos,
+                                 args.max_side)
     eval_s = time.perf_counter() - start
     if "encoder" in fits:
         write_fewshot_eval(fits["encoder"][0], scores, tasks, fit_seconds=fits["encoder"][1], answers=answers,
-                           **({"curve": curve} if curve else {}))
+                           **({"probe": probe} if probe else {}), **({"curve": curve} if curve else {}))
 
     # ---- report
     if held_batch is not None:
         report(tasks, held_batch, new_batch, scores)
     if answers:
         report_answers(answers)
+    if probe:
+        report_probe(probe)
     times = ", ".join(f"{name} fit {seconds:.0f} s" for name, (_, seconds) in fits.items())
     print(f"fewshot: time: {times} ({'concurrently' if args.jobs > 1 else 'one after the other'}, {args.threads} "
           f"thread(s) each), evaluation {eval_s:.0f} s, total {time.perf_counter() - wall:.0f} s; runs in {out}")
@@ -536,7 +625,7 @@ def main(argv: list[str] | None = None) -> tuple[bool, str]:
                   "fit_seconds": {name: s for name, (_, s) in fits.items()},
                   "total_seconds": time.perf_counter() - wall,
                   **{name: [sc.count(), sc.n, float(sc.cell.mean())] for name, sc in scores.items()},
-                  **({"answers": answers} if answers else {}),
+                  **({"answers": answers} if answers else {}), **({"probe": probe} if probe else {}),
                   **({"curve": curve} if curve else {})}
         with open(args.record, "a") as handle:
             handle.write(json.dumps(record) + "\n")

@@ -56,6 +56,13 @@ def test_bench_fewshot_end_to_end_tiny(tmp_path, capsys, one_thread):
     assert sum(answers["heldout"]["all"].values()) == 12 and sum(answers["train"]["all"].values()) == 10
     assert answers["heldout"]["all"]["solved"] == int(heldout)
     assert any(row.startswith("fewshot: held-out answers") for row in printed)
+    # the context probes: s and c of every family with two training values, scored on both query sets
+    probe = json.loads((tmp_path / "record.jsonl").read_text())["probe"]
+    assert set(probe) == {"recolour", "gravity", "tile"}
+    for entry in probe.values():
+        assert set(entry) == {"s_new", "s_heldout", "c_new", "c_heldout"} and all(0 <= a <= n for a, n in entry.values())
+    assert sum(probe[f]["c_heldout"][1] for f in probe) == 12
+    assert any(row.startswith("fewshot: linear probes") for row in printed)
 
 
 def test_verdict_applies_every_target():
@@ -137,3 +144,19 @@ def test_answer_kinds_tell_a_memorised_answer_from_a_composed_one():
     empty = torch.from_numpy(grid_to_canvas(np.zeros((4, 4), np.uint8), 8)[None].astype(np.int64))
     sc = bench.Score(torch.tensor([False]), torch.zeros(1), empty)
     assert bench.answer_kinds(sc, {"inputs": empty}, ["size(0,5)"], [FewshotRule("size", 1, 5)]) == ["input unchanged"]
+
+
+def test_linear_probe_reads_a_coded_label_and_not_noise():
+    """The context probe on made-up features: a label written into two of 40 noisy features is read back on new
+    rows; a label independent of the features is read at about chance."""
+    bench = _driver()
+    gen = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 4, (400,), generator=gen) + 3  # labels need not start at 0
+    x = torch.randn(400, 40, generator=gen)
+    x[:, 5] += 6.0 * (y % 2)
+    x[:, 9] += 6.0 * (y // 2 % 2)
+    predict = bench.linear_probe(x[:300], y[:300])
+    assert float((predict(x[300:]) == y[300:]).float().mean()) > 0.9
+    noise = torch.randint(0, 4, (400,), generator=gen)
+    predict = bench.linear_probe(x[:300], noise[:300])
+    assert float((predict(x[300:]) == noise[300:]).float().mean()) < 0.45
