@@ -135,6 +135,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="linear probes of the encoder's context: K new tasks per training rule fit one probe per "
                         "family for s and one for c, scored on the new tasks of the training rules and on the "
                         "held-out rules (does the context say s and c apart?); 0: no probe")
+    p.add_argument("--rescore", action="store_true",
+                   help="train nothing: score the runs an earlier call with the same task options left under --out "
+                        "(e.g. to get the answer and probe tables of an older run)")
     p.add_argument("overrides", nargs="*", help="extra trm options for both fits, after --")
     return p.parse_args(argv)
 
@@ -252,6 +255,18 @@ def run_fits(args: argparse.Namespace, data: Path) -> dict[str, tuple[Path, floa
                   flush=True)
         time.sleep(0.2)
     return done
+
+
+def existing_runs(args: argparse.Namespace) -> dict[str, tuple[Path, float]]:
+    """``--rescore``: the ``--models`` runs already under ``--out`` (fit seconds 0); exits when one is missing."""
+    runs = {}
+    for name in (n for n in CONDITIONERS if n in args.models):
+        run_dir = Path(args.out) / name / RUN_VERSION
+        if not (Path(checkpoint_dir(run_dir)) / LAST_CHECKPOINT).is_file():
+            sys.exit(f"fewshot: --rescore: no {LAST_CHECKPOINT} of the {name} fit under {run_dir} (train it first, "
+                     f"or pass --models with the fits that exist)")
+        runs[name] = (run_dir, 0.0)
+    return runs
 
 
 def load_run(run_dir: Path) -> tuple[TRMLitModule, ARCDataModule]:
@@ -584,7 +599,7 @@ def main(argv: list[str] | None = None) -> tuple[bool, str]:
           f"{len(tasks.heldout)} held-out tasks, {len(tasks.new)} new tasks of training rules; in {data}", flush=True)
 
     # ---- the trainings, then the trained modules from their checkpoints
-    fits = run_fits(args, data)
+    fits = existing_runs(args) if args.rescore else run_fits(args, data)
     start = time.perf_counter()
     scores: dict[str, Score] = {}
     models = {name: load_run(run_dir) for name, (run_dir, _) in fits.items()}
@@ -622,6 +637,7 @@ def main(argv: list[str] | None = None) -> tuple[bool, str]:
     passed, line = verdict(scores, args)
     if args.record:
         record = {"argv": argv if argv is not None else sys.argv[1:], "passed": passed, "line": line,
+                  **({"rescored": True} if args.rescore else {}),
                   "fit_seconds": {name: s for name, (_, s) in fits.items()},
                   "total_seconds": time.perf_counter() - wall,
                   **{name: [sc.count(), sc.n, float(sc.cell.mean())] for name, sc in scores.items()},

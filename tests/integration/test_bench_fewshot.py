@@ -63,6 +63,12 @@ def test_bench_fewshot_end_to_end_tiny(tmp_path, capsys, one_thread):
         assert set(entry) == {"s_new", "s_heldout", "c_new", "c_heldout"} and all(0 <= a <= n for a, n in entry.values())
     assert sum(probe[f]["c_heldout"][1] for f in probe) == 12
     assert any(row.startswith("fewshot: linear probes") for row in printed)
+    # --rescore trains nothing and scores the same checkpoints the same
+    checkpoint = tmp_path / "encoder" / "bench" / "checkpoints" / "last.ckpt"
+    before = checkpoint.stat().st_mtime_ns
+    again, line_again = _driver().main(["--rescore", "--train-tasks", "40", "--heldout-tasks", "12", "--new-tasks", "10",
+                                        "--out", str(tmp_path), "--families", "recolour", "gravity", "tile", *TINY])
+    assert (again, line_again) == (passed, line) and checkpoint.stat().st_mtime_ns == before
 
 
 def test_verdict_applies_every_target():
@@ -160,3 +166,11 @@ def test_linear_probe_reads_a_coded_label_and_not_noise():
     noise = torch.randint(0, 4, (400,), generator=gen)
     predict = bench.linear_probe(x[:300], noise[:300])
     assert float((predict(x[300:]) == noise[300:]).float().mean()) < 0.45
+
+
+def test_rescore_without_a_run_is_refused(tmp_path):
+    import pytest
+
+    with pytest.raises(SystemExit, match="--rescore: no last.ckpt of the encoder fit"):
+        _driver().main(["--rescore", "--models", "encoder", "--train-tasks", "8", "--heldout-tasks", "4",
+                        "--new-tasks", "4", "--out", str(tmp_path), "--families", "recolour", *TINY])

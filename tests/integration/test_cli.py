@@ -33,7 +33,7 @@ def test_help_and_module_entry_point():
     assert "the first optimizer step already has" in " ".join(fit_help.stdout.split())  # docstrings become --help
     # every knob of the default conditioner (the seed's encoder knobs) is documented in `trm fit --help`
     knobs = list(inspect.signature(StandardDemoEncoder.__init__).parameters)[2:]
-    assert len(knobs) == 10
+    assert len(knobs) == 11
     for knob in knobs:
         assert f"\n  {knob}\n" in fit_help.stdout, knob
     assert "how a demo pair's tokens become one vector" in fit_help.stdout
