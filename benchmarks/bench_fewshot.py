@@ -632,8 +632,10 @@ def main(argv: list[str] | None = None) -> tuple[bool, str]:
     if probe:
         report_probe(probe)
     times = ", ".join(f"{name} fit {seconds:.0f} s" for name, (_, seconds) in fits.items())
-    print(f"fewshot: time: {times} ({'concurrently' if args.jobs > 1 else 'one after the other'}, {args.threads} "
-          f"thread(s) each), evaluation {eval_s:.0f} s, total {time.perf_counter() - wall:.0f} s; runs in {out}")
+    times += f" ({'concurrently' if args.jobs > 1 else 'one after the other'}, {args.threads} thread(s) each)"
+    if args.rescore:
+        times = f"no fit ({' and '.join(fits)} rescored from the checkpoints)"
+    print(f"fewshot: time: {times}, evaluation {eval_s:.0f} s, total {time.perf_counter() - wall:.0f} s; runs in {out}")
     passed, line = verdict(scores, args)
     if args.record:
         record = {"argv": argv if argv is not None else sys.argv[1:], "passed": passed, "line": line,
