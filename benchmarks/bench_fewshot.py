@@ -326,11 +326,7 @@ def shuffled_context(model, batch: dict[str, torch.Tensor], rule_ids: torch.Tens
     if bool((rule_ids[perm] == rule_ids).any()):
         raise RuntimeError("a held-out rule holds more than half the queries: its rows cannot all be shuffled")
     net = getattr(model, "model", model)
-    net.eval()
-    rows = batch["inputs"].shape[0]
-    with torch.no_grad():
-        own = torch.cat([net.encode({k: v[i : i + chunk] for k, v in batch.items()}) for i in range(0, rows, chunk)])
-    return score(net, batch, own[perm], chunk)
+    return score(net, batch, contexts(net, batch, chunk)[perm], chunk)
 
 
 def task_batches(tasks: FewshotTasks, dm: ARCDataModule) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -401,12 +397,11 @@ PROBE_TASK_STREAM = 0x7A60  # the probe's fitting tasks: new tasks of the traini
 
 @torch.no_grad()
 def contexts(model, batch: dict[str, torch.Tensor], chunk: int = 64) -> torch.Tensor:
-    """The encoder's context of every row of ``batch``, flattened: (N, P * D) float32."""
+    """The encoder's context (N, P, D) of every row of ``batch``, in chunks of ``chunk`` rows."""
     net = getattr(model, "model", model)
     net.eval()
     rows = batch["inputs"].shape[0]
-    out = torch.cat([net.encode({k: v[i : i + chunk] for k, v in batch.items()}) for i in range(0, rows, chunk)])
-    return out.reshape(rows, -1).float()
+    return torch.cat([net.encode({k: v[i : i + chunk] for k, v in batch.items()}) for i in range(0, rows, chunk)])
 
 
 def linear_probe(x: torch.Tensor, y: torch.Tensor, steps: int = 300, l2: float = 1e-3, seed: int = 0):
@@ -441,24 +436,27 @@ def probe_rule_parts(model, dm: ARCDataModule, tasks: FewshotTasks, held_batch: 
     fit_tasks = make_rule_tasks(tasks.train_rules, per_rule * len(tasks.train_rules), seed=seed, prefix="fs_probe_",
                                 stream=PROBE_TASK_STREAM, n_demos=n_demos, max_side=max_side)
     fit_batch = query_batch(fit_tasks, dm)
-    fit_rules = [rule_of(fit_tasks[int(t)]) for t in fit_batch["task_index"]]
-    new_rules = [parse_rule(n) for n in rule_names(new_batch, tasks.new, tasks.rule_by_id)]
-    held_rules = [parse_rule(n) for n in rule_names(held_batch, tasks.heldout, tasks.rule_by_id)]
-    x_fit, x_new, x_held = contexts(model, fit_batch), contexts(model, new_batch), contexts(model, held_batch)
+    rules = {"fit": [rule_of(fit_tasks[int(t)]) for t in fit_batch["task_index"]],
+             "new": [parse_rule(n) for n in rule_names(new_batch, tasks.new, tasks.rule_by_id)],
+             "heldout": [parse_rule(n) for n in rule_names(held_batch, tasks.heldout, tasks.rule_by_id)]}
+    x = {name: contexts(model, batch).flatten(1).float()
+         for name, batch in (("fit", fit_batch), ("new", new_batch), ("heldout", held_batch))}
     table = {}
     for family in dict.fromkeys(r.family for r in tasks.train_rules):
-        rows = {name: torch.tensor([r.family == family for r in rules], dtype=torch.bool)
-                for name, rules in (("fit", fit_rules), ("new", new_rules), ("heldout", held_rules))}
+        mine = {name: [r for r in split if r.family == family] for name, split in rules.items()}
+        rows = {name: torch.tensor([r.family == family for r in split], dtype=torch.bool)
+                for name, split in rules.items()}
         entry = {}
         for part in ("s", "c"):
-            label = {name: torch.tensor([getattr(r, part) for r in rules if r.family == family], dtype=torch.long)
-                     for name, rules in (("fit", fit_rules), ("new", new_rules), ("heldout", held_rules))}
+            label = {name: torch.tensor([getattr(r, part) for r in split], dtype=torch.long)
+                     for name, split in mine.items()}
             if len(torch.unique(label["fit"])) < 2:
                 continue
-            predict = linear_probe(x_fit[rows["fit"]], label["fit"], seed=seed)
-            for name, x in (("new", x_new), ("heldout", x_held)):
-                if bool(rows[name].any()):
-                    entry[f"{part}_{name}"] = [int((predict(x[rows[name]]) == label[name]).sum()), int(rows[name].sum())]
+            predict = linear_probe(x["fit"][rows["fit"]], label["fit"], seed=seed)
+            for name in ("new", "heldout"):
+                if mine[name]:
+                    right = int((predict(x[name][rows[name]]) == label[name]).sum())
+                    entry[f"{part}_{name}"] = [right, len(mine[name])]
         if entry:
             table[family] = entry
     return table
