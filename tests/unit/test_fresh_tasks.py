@@ -15,6 +15,7 @@ from trm_lightning.data.episodes import EpisodeDataset, EpisodeLoader
 from trm_lightning.data.fewshot_rules import (
     RuleTaskStream,
     explaining_rules,
+    sibling_rules,
     make_fewshot_split,
     rule_of,
     split_rules,
@@ -85,6 +86,44 @@ def test_sampler_epochs_visit_new_tasks_deterministically_and_split_across_ranks
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_sibling_groups_share_every_grid_and_differ_only_in_the_operation():
+    train, heldout = split_rules(FAMILIES)
+    stream = _stream(per_epoch=12, siblings=3)
+    tasks = [stream[g] for g in range(3 * len(train))]
+    again = _stream(per_epoch=12, siblings=3)
+    assert all(_same(t, again[g]) for g, t in zip(reversed(range(len(tasks))), reversed(tasks)))  # any order
+    assert [t.task_id for t in tasks[:3]] == ["gen_000000000", "gen_000000001", "gen_000000002"]
+    assert Counter(rule_of(t) for t in tasks[0::3]) == {r: 1 for r in train}  # every rule leads one group per block
+    differ = 0
+    for g in range(len(train)):
+        group = tasks[3 * g : 3 * g + 3]
+        rules = [rule_of(t) for t in group]
+        assert rules[1:] and all(r in sibling_rules(rules[0], train) for r in rules[1:])
+        lead = rules[0]
+        same_c = [r for r in train if r.family == lead.family and r.c == lead.c and r != lead]
+        if same_c:  # the same family and colour, another operation
+            assert all(r.family == lead.family and r.c == lead.c and r.s != lead.s for r in rules[1:])
+        for task, rule in zip(group, rules):
+            assert rule not in heldout and not explaining_rules(task, heldout)
+            assert len(task.train) == 3 and len(task.test) == 1
+            for (inp, out), (lead_inp, _) in zip(task.train + task.test, group[0].train + group[0].test):
+                assert np.array_equal(inp, lead_inp)  # the same grids in every task of the group
+                assert np.array_equal(rule.apply(inp), out) and not np.array_equal(inp, out)
+        differ += any(not np.array_equal(a[1], b[1]) for a, b in zip(group[0].test, group[1].test))
+    assert differ >= 0.8 * len(train)  # the query is the same, its answer is not
+    # siblings keep their queries together: the same draws, so the same query slot and leave-one-out choice
+    ds = EpisodeDataset(stream, canvas_size=8, max_demos=3)
+    keys = list(FreshTaskSampler(ds, stream, 12, seed=3, leave_one_out_prob=0.5))
+    assert [k.task_index for k in keys] == list(range(12))
+    for g in range(4):
+        assert len({(k.query_index, k.leave_one_out) for k in keys[3 * g : 3 * g + 3]}) == 1
+    assert len({(k.query_index, k.leave_one_out) for k in keys}) > 1
+    # one task per group: the stream of independent tasks, as before
+    assert all(_same(a, b) for a, b in zip((_stream(siblings=1)[g] for g in range(8)), (_stream()[g] for g in range(8))))
+    with pytest.raises(ConfigError, match="siblings"):
+        FreshTasks(families=FAMILIES, siblings=0).check()
+
+
 def test_loader_resumes_mid_epoch_with_the_same_keys():
     stream = _stream(per_epoch=16)
     ds = EpisodeDataset(stream, canvas_size=8, max_demos=3)
@@ -133,7 +172,7 @@ def test_datamodule_trains_on_fresh_tasks_and_stores_them_as_plain_data(split_di
     batch = next(iter(loader))
     assert not batch["puzzle_id"].any()  # fresh tasks are not in the puzzle-id table
     assert dm.hparams["fresh_tasks"] == {"families": FAMILIES, "heldout_fraction": 0.25, "split_seed": 0,
-                                         "n_demos": 3, "n_test": 1, "min_side": 3, "max_side": 6}
+                                         "n_demos": 3, "n_test": 1, "min_side": 3, "max_side": 6, "siblings": 1}
     again = ARCDataModule(**dict(dm.hparams))  # what load_from_checkpoint does
     assert again.fresh_tasks == dm.fresh_tasks
     assert dm.data_summary["fresh_tasks"] == len(split_rules(FAMILIES)[0])

@@ -496,6 +496,44 @@ def make_fewshot_split(
 # ---------------------------------------------------------------------------------------- tasks on the fly
 FRESH_TASK_STREAM = 0x7A5E  # the random stream of RuleTaskStream's grids
 FRESH_ORDER_STREAM = 0x7A5F  # ... and of its rule order
+FRESH_SIBLING_STREAM = 0x7A61  # ... and of a sibling group's shared grids and sibling rules (``siblings > 1``)
+
+
+def sibling_rules(rule: FewshotRule, rules: Sequence[FewshotRule]) -> list[FewshotRule]:
+    """The rules of ``rules`` a task of ``rule`` gets as siblings: the same family and colour ``c`` with another
+    operation ``s``; where there is none, the family's other rules; where there is none either, ``rule`` itself."""
+    same_c = [r for r in rules if r.family == rule.family and r.c == rule.c and r.s != rule.s]
+    if same_c:
+        return same_c
+    family = [r for r in rules if r.family == rule.family and r != rule]
+    return family or [rule]
+
+
+def _draw_sibling_tasks(
+    members: Sequence[FewshotRule], rng: np.random.Generator, task_ids: Sequence[str], n_demos: int, n_test: int,
+    min_side: int, max_side: int, avoid: Sequence[FewshotRule], tries: int = 100,
+) -> list[ArcTask]:
+    """One task per rule of ``members`` (one family), all on the same input grids: every grid is one that each
+    member changes, and no task is one that a rule of ``avoid`` explains."""
+    for _ in range(tries):
+        pairs: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in members]
+        for _slot in range(n_demos + n_test):
+            for _draw in range(tries):
+                grid = members[0].sample_input(rng, min_side, max_side)
+                outs = [rule.apply(grid) for rule in members]
+                if not any(np.array_equal(grid, out) for out in outs):
+                    break
+            else:
+                raise RuntimeError(f"{[r.name for r in members]}: no input in {tries} draws that every sibling "
+                                   f"changes (grid sides {min_side}..{max_side})")
+            for member_pairs, out in zip(pairs, outs):
+                member_pairs.append((readonly_grid(grid), readonly_grid(out)))
+        tasks = [ArcTask(task_id, tuple(p[:n_demos]), tuple(p[n_demos:]), f"fewshot:{rule.name}")
+                 for task_id, p, rule in zip(task_ids, pairs, members)]
+        if not avoid or not any(explaining_rules(task, avoid) for task in tasks):
+            return tasks
+    raise RuntimeError(f"{[r.name for r in members]}: every one of {tries} sibling groups is explained by a rule to "
+                       "avoid")
 
 
 class RuleTaskStream(TaskStream):
@@ -510,6 +548,12 @@ class RuleTaskStream(TaskStream):
 
     ``len(stream)`` is ``tasks_per_epoch``, the tasks one epoch visits (``stream[g]`` is defined for every ``g >= 0``:
     epoch ``e`` visits ``e * tasks_per_epoch`` up to the next epoch's first task).
+
+    With ``siblings = k > 1`` the tasks come in groups of ``k`` consecutive indices (``g // k``). The group's first
+    task follows the group's rule (the blocks above are then blocks of groups); the others follow its
+    :func:`sibling_rules` (the same family and colour ``c``, another operation ``s``; drawn per group), and every
+    task of the group has the *same* input grids, demos and tests alike. Within a group only the demos say which
+    operation to apply: the query, its colours and the family's input distribution are the same.
     """
 
     def __init__(
@@ -523,9 +567,12 @@ class RuleTaskStream(TaskStream):
         max_side: int = 6,
         prefix: str = "gen_",
         avoid: Sequence[FewshotRule] = (),
+        siblings: int = 1,
     ) -> None:
         if not rules:
             raise ValueError("RuleTaskStream needs at least one rule")
+        if siblings < 1:
+            raise ValueError(f"need siblings >= 1, got {siblings}")
         if tasks_per_epoch < 1 or n_demos < 1 or n_test < 1:
             raise ValueError(f"need tasks_per_epoch, n_demos, n_test >= 1, got {tasks_per_epoch}, {n_demos}, {n_test}")
         if not 1 <= min_side <= max_side <= 30 or max_side < 4:
@@ -539,22 +586,47 @@ class RuleTaskStream(TaskStream):
         self.max_side = max_side
         self.prefix = prefix
         self.avoid = tuple(avoid)
+        self.siblings = siblings
         self._block: tuple[int, np.ndarray] | None = None  # the last block's rule order
+        self._group: tuple[int, list[ArcTask]] | None = None  # the last sibling group's tasks
 
     def __len__(self) -> int:
         return self.tasks_per_epoch
 
-    def rule(self, index: int) -> FewshotRule:
-        """The rule of task ``index``."""
-        block, within = divmod(int(index), len(self.rules))
+    def _lead_rule(self, group: int) -> FewshotRule:
+        block, within = divmod(int(group), len(self.rules))
         if self._block is None or self._block[0] != block:
             self._block = (block, np.random.default_rng([self.seed, block, FRESH_ORDER_STREAM]).permutation(len(self.rules)))
         return self.rules[int(self._block[1][within])]
+
+    def _group_rules(self, group: int) -> tuple[list[FewshotRule], np.random.Generator]:
+        """The rules of sibling group ``group`` (its first task's rule first) and the group's random stream, which
+        then draws its grids."""
+        lead = self._lead_rule(group)
+        rng = np.random.default_rng([self.seed, group, FRESH_SIBLING_STREAM])
+        others = sibling_rules(lead, self.rules)
+        order = rng.permutation(len(others))
+        return [lead] + [others[int(order[j % len(others)])] for j in range(self.siblings - 1)], rng
+
+    def rule(self, index: int) -> FewshotRule:
+        """The rule of task ``index``."""
+        if self.siblings == 1:
+            return self._lead_rule(index)
+        group, member = divmod(int(index), self.siblings)
+        return self._group_rules(group)[0][member]
 
     def __getitem__(self, index: int) -> ArcTask:
         index = int(index)
         if index < 0:
             raise IndexError(f"a task stream has no task {index}")
+        if self.siblings > 1:
+            group, member = divmod(index, self.siblings)
+            if self._group is None or self._group[0] != group:
+                members, rng = self._group_rules(group)
+                ids = [f"{self.prefix}{group * self.siblings + j:09d}" for j in range(self.siblings)]
+                self._group = (group, _draw_sibling_tasks(members, rng, ids, self.n_demos, self.n_test,
+                                                          self.min_side, self.max_side, self.avoid))
+            return self._group[1][member]
         rule = self.rule(index)
         rng = np.random.default_rng([self.seed, index, FRESH_TASK_STREAM])
         return _draw_task(rule, rng, f"{self.prefix}{index:09d}", self.n_demos, self.n_test, self.min_side,

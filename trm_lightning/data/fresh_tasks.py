@@ -40,6 +40,12 @@ class FreshTasks:
         n_test: test pairs per task (the query is one of them, or a demo with ``data.leave_one_out_prob``).
         min_side: smallest grid side.
         max_side: largest grid side (``tile`` inputs at most half of it).
+        siblings: tasks come in groups of this many consecutive ones (so in one batch) that share every input
+            grid and differ in the rule: the same family and colour ``c``, another operation ``s``
+            (:class:`~trm_lightning.data.fewshot_rules.RuleTaskStream`). Against the rule-part shortcut: within
+            a group only the demos tell the operation, and each task's context has its siblings as hard
+            negatives for ``model.context_contrastive_weight``. 1: independent tasks. Under DDP the ranks take
+            every ``world``-th task, so the siblings of a group land on neighbouring ranks.
     """
 
     families: list[str] = field(default_factory=lambda: list(FEWSHOT_FAMILIES))
@@ -49,6 +55,7 @@ class FreshTasks:
     n_test: int = 1
     min_side: int = 3
     max_side: int = 6
+    siblings: int = 1
 
     def check(self) -> None:
         key = "data.fresh_tasks."
@@ -61,6 +68,7 @@ class FreshTasks:
         check_at_least(key + "n_test", self.n_test, 1)
         check_at_least(key + "min_side", self.min_side, 1)
         check_at_least(key + "max_side", self.max_side, max(4, self.min_side))
+        check_at_least(key + "siblings", self.siblings, 1)
 
     def split(self) -> tuple[list[FewshotRule], list[FewshotRule]]:
         """(training rules, held-out rules) of the split."""
@@ -70,12 +78,13 @@ class FreshTasks:
         """The stream of tasks over the training rules (none of which a held-out rule explains)."""
         train, heldout = self.split()
         return RuleTaskStream(train, tasks_per_epoch, seed, self.n_demos, self.n_test, self.min_side, self.max_side,
-                              avoid=heldout)
+                              avoid=heldout, siblings=self.siblings)
 
 
 class FreshTaskSampler(EpisodeSampler):
     """The keys of epoch ``e``: tasks ``e * E + i`` of the stream, ``i < E = episodes_per_epoch``, one episode each
-    (query: a test pair, or with ``leave_one_out_prob`` a demo), drawn from ``np.random.default_rng([seed, e, ...])``.
+    (query: a test pair, or with ``leave_one_out_prob`` a demo), drawn from ``np.random.default_rng([seed, e, ...])``;
+    the tasks of a sibling group (``stream.siblings``) share their draws, so they share the query too.
     Split across ranks and resumed mid-epoch as :class:`~trm_lightning.data.episodes.EpisodeSampler` is.
     """
 
@@ -102,8 +111,11 @@ class FreshTaskSampler(EpisodeSampler):
         augs = rng.integers(0, self.num_augmentations, size=n)
         n_demos, n_test = self.stream.n_demos, self.stream.n_test
         keys = []
-        for i, (loo_u, pair_u, aug) in enumerate(zip(loo_draw, pair_draw, augs.tolist())):
+        siblings = self.stream.siblings
+        for i in range(n):
             task = epoch * n + i
+            first = max(i - task % siblings, 0)  # the draws of the group's first task in this epoch (itself when 1)
+            loo_u, pair_u, aug = loo_draw[first], pair_draw[first], int(augs[first])
             if n_demos >= 2 and loo_u < self.leave_one_out_prob:
                 keys.append(EpisodeKey(task, min(int(pair_u * n_demos), n_demos - 1), aug, True))
             else:
