@@ -118,6 +118,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_task_arguments(p, families_help="rule families (default: the config's data.fresh_tasks families, else all)")
     p.add_argument("--models", nargs="+", default=list(CONDITIONERS), choices=list(CONDITIONERS),
                    help="which fits to run (the verdict needs both)")
+    p.add_argument("--conditioner", default=CONDITIONERS["encoder"], metavar="CLASS",
+                   help="the encoder fit's model.conditioner class (e.g. trm_lightning.models.rule_oracle."
+                        "RulePartOracle: a perfect demo reader with a factorised context, to test the decoder alone)")
     p.add_argument("--jobs", type=int, default=2, choices=(1, 2),
                    help="fits at a time: 2 trains both models concurrently (one core each on a 2-core CPU)")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads per fit (OMP_NUM_THREADS)")
@@ -215,7 +218,8 @@ def fit_command(args: argparse.Namespace, data: Path, conditioning: str, steps: 
         *curve,
         *args.overrides,
         # last: choosing another conditioner class drops the encoder knobs the overrides may set
-        f"--model.conditioner={CONDITIONERS[conditioning]}",
+        f"--model.conditioner={getattr(args, 'conditioner', None) or CONDITIONERS[conditioning]}"
+        if conditioning == "encoder" else f"--model.conditioner={CONDITIONERS[conditioning]}",
     ]
 
 

@@ -95,12 +95,27 @@ def test_bench_fewshot_fresh_tasks_fit(tmp_path, capsys, one_thread):
     bench = _driver()
     passed, line = bench.main(["--steps", "2", "--train-tasks", "16", "--heldout-tasks", "8", "--new-tasks", "6",
                                "--models", "encoder", "--fresh-tasks", "--families", "recolour", "tile",
-                               "--out", str(tmp_path), *TINY])
+                               "--out", str(tmp_path), *TINY, "--data.fresh_tasks.siblings=2"])
     assert not passed and "puzzle_emb_baseline not measured" in line
     log = (tmp_path / "encoder_fit.log").read_text()
     assert "generated on the fly" in log
     config = (tmp_path / "encoder" / "bench" / "config.yaml").read_text()
-    assert "fresh_tasks:" in config and "split_seed: 0" in config
+    assert "fresh_tasks:" in config and "split_seed: 0" in config and "siblings: 2" in config
+
+
+def test_bench_fewshot_rule_oracle_fit_gives_a_factorised_context(tmp_path, capsys, one_thread):
+    """``--conditioner ...RulePartOracle`` trains the decoder on the oracle's context (the encoder knobs of the
+    overrides are dropped with the class), and the probes read s and c from it perfectly, held-out rules too."""
+    bench = _driver()
+    bench.main(["--steps", "2", "--train-tasks", "16", "--heldout-tasks", "8", "--new-tasks", "6", "--probe-tasks", "2",
+                "--models", "encoder", "--families", "outline", "gravity", "--out", str(tmp_path),
+                "--conditioner", "trm_lightning.models.rule_oracle.RulePartOracle", *TINY])
+    config = (tmp_path / "encoder" / "bench" / "config.yaml").read_text()
+    assert "class_path: trm_lightning.models.rule_oracle.RulePartOracle" in config
+    probe = json.loads((tmp_path / "encoder" / "bench" / "fewshot_eval.json").read_text())["probe"]
+    for family in ("outline", "gravity"):
+        for key, (right, n) in probe[family].items():
+            assert right == n > 0, (family, key)
 
 
 def test_bench_fewshot_curve_scores_every_kept_checkpoint(tmp_path, capsys, one_thread):
