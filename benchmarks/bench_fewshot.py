@@ -119,7 +119,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--models", nargs="+", default=list(CONDITIONERS), choices=list(CONDITIONERS),
                    help="which fits to run (the verdict needs both)")
     p.add_argument("--conditioner", default=CONDITIONERS["encoder"], metavar="CLASS",
-                   help="the encoder fit's model.conditioner class (e.g. trm_lightning.models.rule_oracle."
+                   help="the encoder fit's model.conditioner class (e.g. trm_lightning.rule_oracle."
                         "RulePartOracle: a perfect demo reader with a factorised context, to test the decoder alone)")
     p.add_argument("--jobs", type=int, default=2, choices=(1, 2),
                    help="fits at a time: 2 trains both models concurrently (one core each on a 2-core CPU)")

@@ -109,9 +109,9 @@ def test_bench_fewshot_rule_oracle_fit_gives_a_factorised_context(tmp_path, caps
     bench = _driver()
     bench.main(["--steps", "2", "--train-tasks", "16", "--heldout-tasks", "8", "--new-tasks", "6", "--probe-tasks", "2",
                 "--models", "encoder", "--families", "outline", "gravity", "--out", str(tmp_path),
-                "--conditioner", "trm_lightning.models.rule_oracle.RulePartOracle", *TINY])
+                "--conditioner", "trm_lightning.rule_oracle.RulePartOracle", *TINY])
     config = (tmp_path / "encoder" / "bench" / "config.yaml").read_text()
-    assert "class_path: trm_lightning.models.rule_oracle.RulePartOracle" in config
+    assert "class_path: trm_lightning.rule_oracle.RulePartOracle" in config
     probe = json.loads((tmp_path / "encoder" / "bench" / "fewshot_eval.json").read_text())["probe"]
     for family in ("outline", "gravity"):
         for key, (right, n) in probe[family].items():

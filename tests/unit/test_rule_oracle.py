@@ -9,7 +9,7 @@ import torch
 from trm_lightning.data.episodes import EpisodeDataset, EpisodeKey
 from trm_lightning.data.fewshot_rules import make_fewshot_split, rule_of
 from trm_lightning.models.conditioning import ConditionerShape
-from trm_lightning.models.rule_oracle import RulePartOracle
+from trm_lightning.rule_oracle import RulePartOracle
 
 FAMILIES = ["outline", "gravity", "recolour", "tile"]
 
