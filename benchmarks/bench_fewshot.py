@@ -218,9 +218,16 @@ def fit_command(args: argparse.Namespace, data: Path, conditioning: str, steps: 
         *curve,
         *args.overrides,
         # last: choosing another conditioner class drops the encoder knobs the overrides may set
-        f"--model.conditioner={getattr(args, 'conditioner', None) or CONDITIONERS[conditioning]}"
-        if conditioning == "encoder" else f"--model.conditioner={CONDITIONERS[conditioning]}",
+        f"--model.conditioner={conditioner_class(args, conditioning)}",
     ]
+
+
+def conditioner_class(args: argparse.Namespace, conditioning: str) -> str:
+    """The ``model.conditioner`` of a fit: the baseline's puzzle table, or the encoder fit's ``--conditioner``
+    (callers without that option, e.g. the sweep, get the StandardDemoEncoder)."""
+    if conditioning == "encoder":
+        return getattr(args, "conditioner", None) or CONDITIONERS["encoder"]
+    return CONDITIONERS[conditioning]
 
 
 def run_fits(args: argparse.Namespace, data: Path) -> dict[str, tuple[Path, float]]:
