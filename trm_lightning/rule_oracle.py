@@ -56,7 +56,7 @@ class RulePartOracle(Conditioner):
         # one row per operation / colour 0..9, and a last one for "no rule explains the demos"
         self.operation = nn.Parameter(torch.randn(len(self.operations) + 1, shape.hidden_size))
         self.colour = nn.Parameter(torch.randn(10 + 1, shape.hidden_size))  # unit entries, as TRM's scaled embeddings
-        self._cache: dict[bytes, tuple[int, int]] = {}
+        self._cache: dict[bytes, tuple[int, int]] = {}  # unbounded: one entry per distinct demo set seen
 
     def rule_parts(self, demo_inputs: Tensor, demo_outputs: Tensor, demo_mask: Tensor) -> tuple[Tensor, Tensor]:
         """(operation index, colour index) per row, (B,) each; the last index of each when no rule explains."""
@@ -80,7 +80,7 @@ class RulePartOracle(Conditioner):
         found = explaining_rules(ArcTask("oracle", pairs, (), "oracle"), self.rules)
         if not found:
             return none
-        rule = found[0]  # the demos were drawn so that one rule of the split explains them (ties: the first)
+        rule = found[0]  # ties (e.g. both modes of `fill` on some grids): the first
         return self._operation_index[(rule.family, rule.s)], rule.c
 
     def forward(self, batch: Mapping[str, Tensor]) -> Tensor:
